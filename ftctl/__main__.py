@@ -1,0 +1,7 @@
+"""ftctl entry point."""
+
+import sys
+
+from ftctl.cli import main
+
+sys.exit(main())

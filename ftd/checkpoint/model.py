@@ -1,0 +1,323 @@
+"""What the daemon knows about dirty memory and checkpoint pauses, as pure online models.
+
+Units used throughout the checkpoint package:
+
+* times (``at``) are seconds on one monotonic clock (the daemon's ``loop.time()``);
+* durations in names ending ``_ms`` are milliseconds;
+* ``dirty_rate_mbps`` is MiB/s, the unit of QEMU's ``query-dirty-rate`` ``dirty-rate``;
+* a page is :data:`PAGE_SIZE` bytes (what QEMU's migration bitmap counts on x86).
+
+Two models, both fed by the daemon and read through immutable snapshots:
+
+* :class:`DirtyEstimator` estimates how many pages the guest dirtied since it resumed from the
+  last checkpoint.  Between checkpoints the only signal is the sampled dirty rate
+  (``calc-dirty-rate`` page-sampling under TCG), so the estimate is rate x run time, bounded
+  by guest RAM.  Each checkpoint then reports the exact count (QEMU's
+  ``migration_bitmap_sync_end`` trace line); the ratio of exact to estimated, smoothed, corrects
+  later estimates (sampling bias, pages rewritten many times).
+* :class:`PauseModel` fits ``pause_ms ~ base + per_page * dirty_pages`` online by recursive
+  least squares with forgetting, starting from a prior so it predicts sensibly before any
+  checkpoint is seen, and keeping both coefficients non-negative.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+PAGE_SIZE = 4096
+PAGES_PER_MIB = (1 << 20) // PAGE_SIZE
+
+
+def _check_finite(name: str, value: float, *, minimum: float = 0.0) -> None:
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DirtySample:
+    """One dirty-rate measurement: ``calc-dirty-rate`` then ``query-dirty-rate``.
+
+    ``at`` is when the daemon got the result (s); ``dirty_rate_mbps`` is MiB/s.
+
+    Raises:
+        ValueError: a non-finite time or a negative or non-finite rate.
+    """
+
+    at: float
+    dirty_rate_mbps: float
+
+    def __post_init__(self) -> None:
+        _check_finite("DirtySample.at", self.at, minimum=-math.inf)
+        _check_finite("DirtySample.dirty_rate_mbps", self.dirty_rate_mbps)
+
+    @property
+    def pages_per_s(self) -> float:
+        return self.dirty_rate_mbps * PAGES_PER_MIB
+
+
+@dataclass(frozen=True)
+class CheckpointObserved:
+    """One checkpoint as QEMU's trace lines report it.
+
+    ``at`` is when the guest stopped for it (s, ``colo_vm_state_change`` run->stop);
+    ``pause_ms`` how long the guest stayed stopped; ``dirty_pages`` the exact count sent;
+    ``bytes_sent`` the bytes on the wire when known.
+
+    Raises:
+        ValueError: a non-finite time, a negative pause, page count or byte count.
+    """
+
+    at: float
+    pause_ms: float
+    dirty_pages: int
+    bytes_sent: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_finite("CheckpointObserved.at", self.at, minimum=-math.inf)
+        _check_finite("CheckpointObserved.pause_ms", self.pause_ms)
+        if self.dirty_pages < 0:
+            raise ValueError(f"CheckpointObserved.dirty_pages must be >= 0, got {self.dirty_pages}")
+        if self.bytes_sent is not None and self.bytes_sent < 0:
+            raise ValueError(f"CheckpointObserved.bytes_sent must be >= 0, got {self.bytes_sent}")
+
+    @property
+    def resumed_at(self) -> float:
+        """When the guest ran again (s)."""
+        return self.at + self.pause_ms / 1000.0
+
+
+@dataclass(frozen=True)
+class PauseModelSnapshot:
+    """The pause model's coefficients at one moment: ``pause_ms = base_ms + ms_per_page * n``."""
+
+    base_ms: float
+    ms_per_page: float
+    observations: int
+
+    def predict(self, dirty_pages: float) -> float:
+        """Predicted pause (ms) of a checkpoint sending ``dirty_pages`` pages."""
+        return self.base_ms + self.ms_per_page * max(0.0, dirty_pages)
+
+
+class PauseModel:
+    """Online fit of checkpoint pause against dirty pages (recursive least squares).
+
+    The regressor is ``[1, dirty_pages / scale_pages]`` so both coefficients live on similar
+    scales and the 2x2 covariance stays well conditioned.  ``forgetting`` < 1 lets the fit follow
+    a host whose speed changes (load, link); its effective memory is ``1 / (1 - forgetting)``
+    checkpoints.  The prior (``prior_base_ms``, ``prior_ms_per_page``) with its standard
+    deviations acts as a few pseudo-observations: with no checkpoint seen the model predicts the
+    prior, and the first checkpoints move it only as far as they are informative.
+
+    Raises:
+        ValueError: a negative or non-finite prior, ``forgetting`` outside (0, 1], a
+            non-positive ``scale_pages`` or prior deviation.
+    """
+
+    def __init__(
+        self,
+        *,
+        prior_base_ms: float = 50.0,
+        prior_ms_per_page: float = 0.005,
+        prior_base_sd_ms: float = 50.0,
+        prior_ms_per_page_sd: float = 0.02,
+        forgetting: float = 0.98,
+        scale_pages: float = 10_000.0,
+    ) -> None:
+        _check_finite("prior_base_ms", prior_base_ms)
+        _check_finite("prior_ms_per_page", prior_ms_per_page)
+        for name, value in (
+            ("prior_base_sd_ms", prior_base_sd_ms),
+            ("prior_ms_per_page_sd", prior_ms_per_page_sd),
+            ("scale_pages", scale_pages),
+        ):
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (0.0 < forgetting <= 1.0):
+            raise ValueError(f"forgetting must be in (0, 1], got {forgetting!r}")
+        self._scale = scale_pages
+        self._lambda = forgetting
+        self._theta = [prior_base_ms, prior_ms_per_page * scale_pages]
+        self._p = [
+            [prior_base_sd_ms**2, 0.0],
+            [0.0, (prior_ms_per_page_sd * scale_pages) ** 2],
+        ]
+        # Forgetting inflates the covariance along directions the data never excites (all
+        # checkpoints with about the same page count); capping its trace at the prior's keeps
+        # one odd checkpoint from then swinging the fit wildly.
+        self._p_trace_cap = self._p[0][0] + self._p[1][1]
+        self._n = 0
+
+    @property
+    def observations(self) -> int:
+        return self._n
+
+    def predict(self, dirty_pages: float) -> float:
+        """Predicted pause (ms) of a checkpoint sending ``dirty_pages`` pages; never negative."""
+        return self.snapshot().predict(dirty_pages)
+
+    def snapshot(self) -> PauseModelSnapshot:
+        """The current coefficients, immutable."""
+        return PauseModelSnapshot(
+            base_ms=max(0.0, self._theta[0]),
+            ms_per_page=max(0.0, self._theta[1]) / self._scale,
+            observations=self._n,
+        )
+
+    def observe(self, checkpoint: CheckpointObserved) -> None:
+        """Fold one observed checkpoint into the fit."""
+        x0, x1 = 1.0, checkpoint.dirty_pages / self._scale
+        p = self._p
+        px0 = p[0][0] * x0 + p[0][1] * x1
+        px1 = p[1][0] * x0 + p[1][1] * x1
+        denom = self._lambda + x0 * px0 + x1 * px1
+        k0, k1 = px0 / denom, px1 / denom
+        error = checkpoint.pause_ms - (self._theta[0] * x0 + self._theta[1] * x1)
+        # Projection onto the non-negative quadrant: a pause cannot shrink with more pages nor
+        # be negative with none; noisy early data would otherwise produce such fits.
+        self._theta = [
+            max(0.0, self._theta[0] + k0 * error),
+            max(0.0, self._theta[1] + k1 * error),
+        ]
+        # P <- (P - k x^T P) / lambda, with x^T P = (px0, px1) since P is symmetric.
+        lam = self._lambda
+        new_p = [
+            [(p[0][0] - k0 * px0) / lam, (p[0][1] - k0 * px1) / lam],
+            [(p[1][0] - k1 * px0) / lam, (p[1][1] - k1 * px1) / lam],
+        ]
+        sym = (new_p[0][1] + new_p[1][0]) / 2.0
+        new_p[0][1] = new_p[1][0] = sym
+        trace = new_p[0][0] + new_p[1][1]
+        if trace > self._p_trace_cap:
+            shrink = self._p_trace_cap / trace
+            new_p = [[v * shrink for v in row] for row in new_p]
+        self._p = new_p
+        self._n += 1
+
+
+@dataclass(frozen=True)
+class DirtySnapshot:
+    """The dirty-memory estimate at ``at`` and what it extrapolates from.
+
+    ``dirty_pages`` were dirtied since ``last_resumed_at`` (corrected, bounded by
+    ``ram_pages``); ``pages_per_s`` is the corrected current rate.
+    """
+
+    at: float
+    dirty_pages: float
+    pages_per_s: float
+    ram_pages: int
+    correction: float
+    last_checkpoint_at: float
+    last_resumed_at: float
+    rate_known: bool
+
+    def dirty_pages_at(self, now: float) -> float:
+        """The estimate extrapolated to ``now`` at the current rate, bounded by guest RAM."""
+        extra = self.pages_per_s * max(0.0, now - self.at)
+        return min(float(self.ram_pages), self.dirty_pages + extra)
+
+
+class DirtyEstimator:
+    """Estimates pages dirtied since the guest resumed from the last checkpoint.
+
+    The sampled rate is held from one sample to the next (zero-order hold) and integrated over
+    the guest's run time; the guest dirties nothing while stopped for a checkpoint.  Each
+    observed checkpoint compares its exact page count with the raw estimate and updates a
+    correction factor by an exponentially weighted geometric mean (ratios, so over- and
+    under-estimates weigh alike), clamped to [1/16, 16] so one odd checkpoint cannot wreck it.
+
+    Raises:
+        ValueError: ``ram_pages`` < 1, ``smoothing`` outside (0, 1], a non-finite start time.
+    """
+
+    _RATIO_LIMIT = 16.0
+    # Below this many estimated pages the ratio is mostly noise (sampling granularity).
+    _MIN_PAGES_FOR_CORRECTION = 64.0
+
+    def __init__(self, ram_pages: int, started_at: float, *, smoothing: float = 0.3) -> None:
+        if ram_pages < 1:
+            raise ValueError(f"ram_pages must be >= 1, got {ram_pages}")
+        _check_finite("started_at", started_at, minimum=-math.inf)
+        if not (0.0 < smoothing <= 1.0):
+            raise ValueError(f"smoothing must be in (0, 1], got {smoothing!r}")
+        self._ram = ram_pages
+        self._alpha = smoothing
+        self._log_correction = 0.0
+        self._rate = 0.0
+        self._rate_known = False
+        self._raw = 0.0
+        self._acc_at = started_at
+        self._last_checkpoint_at = started_at
+        self._last_resumed_at = started_at
+        self._observed_any = False
+
+    @property
+    def correction(self) -> float:
+        return math.exp(self._log_correction)
+
+    @property
+    def last_checkpoint_at(self) -> float:
+        return self._last_checkpoint_at
+
+    @property
+    def last_resumed_at(self) -> float:
+        return self._last_resumed_at
+
+    def _advance(self, now: float) -> None:
+        if now > self._acc_at:
+            self._raw = min(float(self._ram), self._raw + self._rate * (now - self._acc_at))
+            self._acc_at = now
+
+    def _raw_at(self, now: float) -> float:
+        extra = self._rate * max(0.0, now - self._acc_at)
+        return min(float(self._ram), self._raw + extra)
+
+    def sample(self, sample: DirtySample) -> None:
+        """Take a new rate: pages up to ``sample.at`` count at the old rate, later ones at this.
+
+        A sample timed before the guest last resumed only sets the rate from then on.
+        """
+        self._advance(sample.at)
+        self._rate = sample.pages_per_s
+        self._rate_known = True
+
+    def observe(self, checkpoint: CheckpointObserved) -> bool:
+        """Take an observed checkpoint: correct the estimator, then restart counting.
+
+        Returns False, changing nothing, for a checkpoint that started before the last one
+        already observed (a stale or repeated trace line).
+        """
+        if checkpoint.at < self._last_checkpoint_at or (
+            self._observed_any and checkpoint.at == self._last_checkpoint_at
+        ):
+            return False
+        raw = self._raw_at(checkpoint.at)
+        if self._rate_known and raw >= self._MIN_PAGES_FOR_CORRECTION:
+            ratio = max(1.0 / self._RATIO_LIMIT, checkpoint.dirty_pages / raw)
+            ratio = min(self._RATIO_LIMIT, ratio)
+            self._log_correction += self._alpha * (math.log(ratio) - self._log_correction)
+        self._last_checkpoint_at = checkpoint.at
+        self._last_resumed_at = checkpoint.resumed_at
+        self._raw = 0.0
+        self._acc_at = max(self._acc_at, checkpoint.resumed_at)
+        self._observed_any = True
+        return True
+
+    def estimate(self, now: float) -> float:
+        """Corrected pages dirtied since the guest last resumed, as of ``now``."""
+        return min(float(self._ram), self._raw_at(now) * self.correction)
+
+    def snapshot(self, now: float) -> DirtySnapshot:
+        """The estimate at ``now`` with what a policy needs to extrapolate it."""
+        return DirtySnapshot(
+            at=now,
+            dirty_pages=self.estimate(now),
+            pages_per_s=self._rate * self.correction,
+            ram_pages=self._ram,
+            correction=self.correction,
+            last_checkpoint_at=self._last_checkpoint_at,
+            last_resumed_at=self._last_resumed_at,
+            rate_known=self._rate_known,
+        )

@@ -1,0 +1,247 @@
+"""The ftd service: one supervised asyncio process per host.
+
+Start-up order: state (boot epoch), QEMU check (refuse a known-broken QEMU), control socket,
+then READY to systemd. SIGTERM/SIGINT stop cleanly (guests keep running: QEMU processes live
+in their own sessions); SIGHUP re-reads the configuration and keeps the old one if the new
+file is invalid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from ftd import __version__
+from ftd.bus import Heartbeat, HostRecord, MqttBus, topic_hb, topic_host
+from ftd.cluster.membership import Member, Membership
+from ftd.config import Config, load_config
+from ftd.control.events import EventLog
+from ftd.control.protocol import ArgSpec, OpSpec
+from ftd.control.server import ControlServer
+from ftd.daemon.notify import Notifier
+from ftd.daemon.state import next_boot_epoch
+from ftd.daemon.supervisor import Supervisor
+from ftd.errors import ConfigError, QemuVersionError
+from ftd.log import get_logger
+from ftd.qemu.runtime import QemuRuntime, QemuVersion, colo_verdict
+
+
+def runtime_for(cfg: Config) -> QemuRuntime:
+    """The QEMU runtime the configuration names (a host binary, or the private tree)."""
+    if cfg.qemu.binary is not None:
+        return QemuRuntime.from_binary(cfg.qemu.binary)
+    return QemuRuntime(tree=cfg.qemu.runtime_tree)
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: Path, witness: bool = False) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        me = next(h for h in cfg.cluster.hosts if h.name == cfg.host)
+        self.role = "witness" if witness or me.role == "witness" else "vm-host"
+        self.log = get_logger(host=cfg.host)
+        self.events = EventLog(cfg.host)
+        self.notifier = Notifier()
+        self.supervisor = Supervisor()
+        self.control = ControlServer(Path(cfg.control.socket), cfg.control.group)
+        self.started_at = time.time()
+        self.boot_epoch = 0
+        self.qemu_version: QemuVersion | None = None
+        self.qemu_reason = "not checked (witness)"
+        self.membership = Membership(
+            cfg.host,
+            [Member(h.name, h.voter, h.role) for h in cfg.cluster.hosts],
+            cfg.cluster.peer_timeout_ms / 1000,
+        )
+        self.bus: MqttBus | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def run(self) -> int:
+        """Run until a signal or a dying task. Raises QemuVersionError for an unusable QEMU."""
+        self.boot_epoch = next_boot_epoch(Path(self.cfg.paths.state_dir))
+        if self.role == "vm-host":
+            await self._check_qemu()
+        self._register_ops()
+        await self.control.start()
+        self.bus = self._make_bus()
+        self.bus.set_will(self._host_record(online=False))
+        await self.bus.connect()
+        self.supervisor.spawn("bus-in", self._bus_in())
+        self.supervisor.spawn("heartbeat", self._heartbeat())
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.supervisor.stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self.supervisor.stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        if self.notifier.watchdog_interval_s is not None:
+            self.supervisor.spawn("watchdog", self._watchdog(self.notifier.watchdog_interval_s))
+        self.events.record(
+            "daemon",
+            f"ftd {__version__} started as {self.role} (boot epoch {self.boot_epoch})",
+            epoch=self.boot_epoch,
+        )
+        self.notifier.ready(f"{self.role} {self.cfg.host} running")
+        try:
+            await self.supervisor.run()
+        finally:
+            self.notifier.stopping()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.control.close()
+            if self.bus is not None:
+                await self.bus.close(clean=True)
+            self.log.info("ftd stopped", reason=self.supervisor.stop_reason)
+        return 0
+
+    async def _check_qemu(self) -> None:
+        rt = runtime_for(self.cfg)
+        version = await asyncio.to_thread(rt.version)
+        ok, reason = colo_verdict(version, self.cfg.qemu.accel)
+        self.qemu_version, self.qemu_reason = version, reason
+        if not ok:
+            raise QemuVersionError(reason)
+        self.log.info("qemu checked", version=str(version), reason=reason)
+
+    def _make_bus(self) -> MqttBus:
+        b = self.cfg.bus
+        password = None
+        if b.password_file is not None:
+            password = Path(b.password_file).read_text().strip()
+        return MqttBus(
+            self.cfg.host,
+            self.boot_epoch,
+            cluster=self.cfg.cluster.name,
+            brokers=[str(u) for u in b.brokers],
+            prefix=b.topic_prefix,
+            username=b.username,
+            password=password,
+            ca_file=str(b.tls.ca_file) if b.tls and b.tls.ca_file else None,
+            cert_file=str(b.tls.cert_file) if b.tls and b.tls.cert_file else None,
+            key_file=str(b.tls.key_file) if b.tls and b.tls.key_file else None,
+            keepalive_s=b.keepalive_s,
+        )
+
+    def _host_record(self, online: bool) -> HostRecord:
+        return HostRecord(
+            host=self.cfg.host,
+            online=online,
+            role=self.role,
+            voter=self.cfg.this_host.voter,
+            vms={},
+            qemu_version=str(self.qemu_version or ""),
+            started_at=self.started_at,
+        )
+
+    async def _heartbeat(self) -> None:
+        assert self.bus is not None
+        interval = self.cfg.cluster.heartbeat_interval_ms
+        await self.bus.wait_connected(timeout_s=None)
+        await self.bus.publish(topic_host(self.cfg.host), self._host_record(online=True))
+        while True:
+            await self.bus.publish(
+                topic_hb(self.cfg.host), Heartbeat(host=self.cfg.host, interval_ms=interval)
+            )
+            await asyncio.sleep(interval / 1000)
+
+    async def _bus_in(self) -> None:
+        assert self.bus is not None
+        await self.bus.subscribe(["host/+", "hb/+"])
+        async for _suffix, msg in self.bus.messages():
+            now = time.monotonic()
+            if isinstance(msg, HostRecord):
+                change = self.membership.on_record(msg, now)
+                if change:
+                    self.events.record("membership", change, peer=msg.host, epoch=msg.epoch)
+            elif isinstance(msg, Heartbeat):
+                self.membership.on_heartbeat(msg, now)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    def _reload(self) -> None:
+        try:
+            new = load_config(self.config_path, host=self.cfg.host)
+        except ConfigError as err:
+            self.events.record(
+                "config", f"reload refused, keeping the running configuration: {err}", "error"
+            )
+            return
+        self.cfg = new
+        self.events.record("config", f"configuration reloaded from {self.config_path}")
+
+    # --- control API -----------------------------------------------------------------------
+    def _register_ops(self) -> None:
+        self.control.register(OpSpec("ping", "is the daemon alive"), self._op_ping)
+        self.control.register(OpSpec("status", "host, QEMU, bus and VM status"), self._op_status)
+        self.control.register(
+            OpSpec(
+                "events",
+                "recent events",
+                {"limit": ArgSpec(int, help="how many recent events"), "follow": ArgSpec(bool)},
+            ),
+            self._op_events,
+        )
+        self.control.register_stream(
+            OpSpec("events-follow", "recent events, then live ones", {"limit": ArgSpec(int)}),
+            self._op_events_follow,
+        )
+
+    async def _op_ping(self, args: dict[str, Any]) -> Any:
+        return {"host": self.cfg.host, "pid": os.getpid()}
+
+    async def _op_status(self, args: dict[str, Any]) -> Any:
+        return self.status()
+
+    async def _op_events(self, args: dict[str, Any]) -> Any:
+        return self.events.history(int(args.get("limit", 50)))
+
+    def _op_events_follow(self, args: dict[str, Any]) -> Any:
+        return self.events.follow(int(args.get("limit", 20)))
+
+    def _bus_status(self) -> dict[str, Any]:
+        bus = self.bus
+        out: dict[str, Any] = {"brokers": [str(u) for u in self.cfg.bus.brokers]}
+        out["connected"] = bool(bus is not None and bus.connected)
+        if bus is not None:
+            out["connects"] = bus.stats.connects
+            out["dropped"] = bus.stats.dropped
+        return out
+
+    def status(self) -> dict[str, Any]:
+        cfg = self.cfg
+        now = time.monotonic()
+        q = self.membership.quorum(
+            now, bool(self.bus and self.bus.connected), cfg.cluster.allow_two_node
+        )
+        return {
+            "host": cfg.host,
+            "cluster": cfg.cluster.name,
+            "role": self.role,
+            "ftd_version": __version__,
+            "pid": os.getpid(),
+            "boot_epoch": self.boot_epoch,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "qemu": {
+                "version": str(self.qemu_version) if self.qemu_version else None,
+                "accel": cfg.qemu.accel,
+                "verdict": self.qemu_reason,
+            },
+            "bus": self._bus_status(),
+            "peers": [
+                {"host": v.name, "alive": v.alive, "epoch": v.epoch, "reason": v.reason}
+                for v in self.membership.verdicts(now)
+            ],
+            "quorum": {
+                "has": q.has_quorum,
+                "votes": q.votes,
+                "voters": q.voters,
+                "reason": q.reason,
+            },
+            "tasks": self.supervisor.names(),
+            "vms": [],
+        }

@@ -1,0 +1,215 @@
+"""An ftd cluster inside a lab: per-host configuration files and ftd daemons in host namespaces.
+
+Each lab host gets its own configuration file (the same cluster description, its own paths,
+as each real host has its own /etc/ftd/ftd.yaml and disks), and its own ftd process started
+with ``ip netns exec``. Used by the tests, the demo and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftd.errors import LabError
+from lab.image import GuestImage, guest_append
+from lab.netns import Lab
+
+FTD = [sys.executable, "-m", "ftd.daemon.main"]
+FTCTL = [sys.executable, "-m", "ftctl"]
+
+
+@dataclass(frozen=True)
+class VmPlan:
+    """A VM to protect in the lab: placement and guest workload."""
+
+    name: str
+    primary: str
+    secondary: str
+    workloads: tuple[str, ...] = ("counter", "disk")
+    memory_mib: int = 128
+    checkpoint: dict[str, Any] = field(
+        default_factory=lambda: {"policy": "fixed", "interval_ms": 2000}
+    )
+    ip_octet: int = 100
+
+
+def host_dirs(lab: Lab, host: str) -> tuple[Path, Path]:
+    """(state_dir, run_dir) of ``host`` inside the lab's work directory."""
+    base = lab.workdir / "hosts" / host
+    return base / "state", base / "run"
+
+
+def cluster_config(
+    lab: Lab,
+    host: str,
+    *,
+    vm_hosts: Sequence[str],
+    witnesses: Sequence[str],
+    vms: Sequence[VmPlan],
+    guest: GuestImage | None,
+    accel: str = "tcg",
+    extra_cluster: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The configuration document for ``host``: cluster, bus on the lab broker, its own paths."""
+    state_dir, run_dir = host_dirs(lab, host)
+    hosts: list[dict[str, Any]] = [{"name": h, "address": lab.address(h)} for h in vm_hosts]
+    hosts += [{"name": w, "address": lab.address(w), "role": "witness"} for w in witnesses]
+    cluster: dict[str, Any] = {
+        "name": f"lab{lab.id}",
+        "hosts": hosts,
+        "heartbeat_interval_ms": 200,
+        "peer_timeout_ms": 1000,
+        "self_fence_lease_ms": 3000,
+    }
+    if len(hosts) == 2:
+        cluster["allow_two_node"] = True
+    cluster.update(extra_cluster or {})
+    doc: dict[str, Any] = {
+        "host": host,
+        "cluster": cluster,
+        "bus": {"brokers": [lab.broker.url], "topic_prefix": "ftd", "insecure": True},
+        "qemu": {"accel": accel},
+        "paths": {"state_dir": str(state_dir), "run_dir": str(run_dir)},
+        "log": {"level": "debug", "json": True},
+        "vms": [],
+    }
+    subnet = lab.subnet.rsplit(".", 1)[0]
+    for i, vm in enumerate(vms):
+        if guest is None:
+            raise LabError("VMs need a guest image")
+        doc["vms"].append(
+            {
+                "name": vm.name,
+                "primary": vm.primary,
+                "secondary": vm.secondary,
+                "memory_mib": vm.memory_mib,
+                "boot": {
+                    "kernel": str(guest.kernel),
+                    "initrd": str(guest.initrd),
+                    "append": guest_append(f"{subnet}.{vm.ip_octet + i}/24", vm.workloads),
+                },
+                "disk": {"path": str(state_dir / "images" / f"{vm.name}.raw"), "size_mib": 64},
+                "nics": [{"mac": f"52:54:00:88:{lab.index:02x}:{i + 1:02x}", "bridge": "br0"}],
+                "ports": {"base": 20000 + 16 * i},
+                "checkpoint": dict(vm.checkpoint),
+            }
+        )
+    return doc
+
+
+def vm_address(lab: Lab, vms: Sequence[VmPlan], name: str) -> str:
+    """The guest IP address of VM ``name`` in the lab."""
+    subnet = lab.subnet.rsplit(".", 1)[0]
+    for i, vm in enumerate(vms):
+        if vm.name == name:
+            return f"{subnet}.{vm.ip_octet + i}"
+    raise LabError(f"no VM {name!r} in the plan")
+
+
+class FtdProcess:
+    """One ftd daemon in a lab host, and ftctl against it."""
+
+    def __init__(self, lab: Lab, host: str, config: Path, witness: bool = False) -> None:
+        self.lab = lab
+        self.host = host
+        self.config = config
+        self.witness = witness
+        self.proc: subprocess.Popen[bytes] | None = None
+        _, run_dir = host_dirs(lab, host)
+        self.socket = run_dir / "ftd.sock"
+        self.log_path = lab.workdir / "hosts" / host / "ftd.log"
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """Start ftd in the host namespace (log to the host's ftd.log)."""
+        argv = [*FTD, "--config", str(self.config)]
+        if self.witness:
+            argv.append("--witness")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        e = dict(os.environ if env is None else env)
+        e["PYTHONUNBUFFERED"] = "1"
+        self.proc = self.lab.popen(self.host, argv, stdout=log, stderr=subprocess.STDOUT, env=e)
+        log.close()
+
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until ``ftctl status`` answers. Raises LabError with the log tail if not."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise LabError(f"ftd on {self.host} exited {self.proc.returncode}: {self.tail()}")
+            r = self.ctl("status", "--json", check=False)
+            if r.returncode == 0:
+                return dict(json.loads(r.stdout))
+            last = r.stderr
+            time.sleep(0.2)
+        raise LabError(f"ftd on {self.host} not ready in {timeout}s ({last}): {self.tail()}")
+
+    def ctl(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ftctl against this daemon (from the root namespace: the socket is a path)."""
+        r = subprocess.run(
+            [*FTCTL, "--socket", str(self.socket), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and r.returncode != 0:
+            raise LabError(f"ftctl {' '.join(args)} on {self.host}: {r.stderr.strip()}")
+        return r
+
+    def status(self) -> dict[str, Any]:
+        return dict(json.loads(self.ctl("status", "--json").stdout))
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM and wait; returns the exit code (None if it had to be killed)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+    def tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def log_events(self, pred: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        """The JSON log lines of this daemon matching ``pred``."""
+        out = []
+        for line in self.tail(10**8).splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(ev, dict) and pred(ev):
+                out.append(ev)
+        return out
+
+
+def write_config(lab: Lab, host: str, doc: dict[str, Any]) -> Path:
+    path = lab.workdir / "hosts" / host / "ftd.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
