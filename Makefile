@@ -11,8 +11,8 @@ setup:
 	scripts/setup.sh
 
 lint: setup
-	.venv/bin/ruff check ftd ftctl lab bench tests
-	.venv/bin/ruff format --check ftd ftctl lab bench tests
+	.venv/bin/ruff check ftd ftctl lab bench tests vagrant
+	.venv/bin/ruff format --check ftd ftctl lab bench tests vagrant
 
 typecheck: setup
 	.venv/bin/mypy

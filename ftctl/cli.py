@@ -43,6 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("file", type=Path)
     v.add_argument("--json", action="store_true", dest="json_sub")
 
+    for name, help_ in (
+        ("protect", "start the VM protected (launch primary, then a COLO secondary)"),
+        ("failover", "hand the VM over to its secondary (pauses the primary first)"),
+        ("reprotect", "give a running, unprotected VM a new secondary"),
+        ("stop", "stop the VM (both copies)"),
+    ):
+        op = sub.add_parser(name, help=help_)
+        op.add_argument("vm")
+        op.add_argument("--json", action="store_true", dest="json_sub")
+        op.add_argument(
+            "--wait",
+            type=float,
+            default=0.0,
+            metavar="S",
+            help="wait up to S seconds for the VM to settle (protected or running)",
+        )
+
     ev = sub.add_parser("events", help="recent events and decisions, with their reasons")
     ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     ev.add_argument("--limit", "-n", type=int, default=50)
@@ -61,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(client, as_json)
         if args.cmd == "events":
             return cmd_events(client, args.limit, args.follow, as_json)
+        if args.cmd in ("protect", "failover", "reprotect", "stop"):
+            return cmd_vm_op(client, args.cmd, args.vm, as_json, args.wait)
     except RequestError as err:
         print(f"ftctl: refused: {err}", file=sys.stderr)
         return 2
@@ -116,10 +135,83 @@ def cmd_status(client: ControlClient, as_json: bool) -> int:
             ],
         )
     )
+    print(f"quorum: {'yes' if st['quorum']['has'] else 'NO'} ({st['quorum']['reason']})")
     vms = st.get("vms") or []
     print()
     if not vms:
         print("no VMs configured on this host")
+        return 0
+    print(render(VM_HEADERS, [vm_row(vm) for vm in vms]))
+    for vm in vms:
+        if vm.get("sync"):
+            print(f"{vm['name']}: {sync_line(vm['sync'])}")
+    return 0
+
+
+VM_HEADERS = [
+    "vm",
+    "state",
+    "role",
+    "peer",
+    "peer state",
+    "epoch",
+    "ckpts",
+    "last pause",
+    "ckpt age",
+    "reason",
+]
+
+
+def vm_row(vm: dict[str, Any]) -> list[object]:
+    cp = vm.get("checkpoints") or {}
+    peer = vm.get("peer_state") or {}
+    last = cp.get("last_pause_ms")
+    age = cp.get("age_s")
+    return [
+        vm["name"],
+        vm["state"],
+        vm["role"],
+        vm.get("peer"),
+        f"{peer.get('role', '-')}/{peer.get('state', '-')}" if peer else None,
+        vm.get("epoch"),
+        cp.get("count", 0),
+        f"{last:.0f}ms" if last is not None else None,
+        f"{age:.1f}s" if age is not None else None,
+        vm.get("reason", ""),
+    ]
+
+
+def sync_line(sync: dict[str, Any]) -> str:
+    pct = sync.get("percent")
+    done, total = sync.get("done", 0), sync.get("total", 0)
+    if pct is None:
+        return f"resync {sync.get('step')}"
+    return f"resync {sync.get('step')}: {pct:.1f}% ({done >> 20}/{total >> 20} MiB)"
+
+
+SETTLED = {"protected", "running_unprotected", "stopped", "failed"}
+
+
+def cmd_vm_op(client: ControlClient, op: str, vm: str, as_json: bool, wait: float) -> int:
+    res = client.call(op, {"vm": vm})
+    if wait > 0:
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            st = client.call("status")
+            cur = next((v for v in st["vms"] if v["name"] == vm), None)
+            if cur is not None:
+                res["vm_status"] = cur
+                if (cur["state"] in SETTLED and cur["state"] != "stopped") or op == "stop":
+                    break
+                if cur.get("sync"):
+                    print(sync_line(cur["sync"]), file=sys.stderr)
+            time.sleep(0.5)
+    if as_json:
+        _print_json(res)
+    else:
+        v = res["vm_status"]
+        print(f"{vm}: {res['reason']}")
+        print(f"{vm} is now {v['state']} ({v['role']} on {v['host']})")
     return 0
 
 

@@ -213,3 +213,106 @@ def write_config(lab: Lab, host: str, doc: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+class LabCluster:
+    """A lab running ftd: VM hosts, a witness (also the broker's host), a client host.
+
+    ``with LabCluster(vms=[VmPlan("vm1", "a", "b")]) as c:`` builds the lab, writes one
+    configuration per host and starts every ftd; leaving stops them and destroys the lab.
+    """
+
+    def __init__(
+        self,
+        vms: Sequence[VmPlan],
+        *,
+        vm_hosts: Sequence[str] = ("a", "b"),
+        witness: str = "w",
+        client: str = "c",
+        guest: GuestImage | None = None,
+        extra_cluster: dict[str, Any] | None = None,
+    ) -> None:
+        self.plans = list(vms)
+        self.vm_hosts = list(vm_hosts)
+        self.witness = witness
+        self.client = client
+        self.guest = guest
+        self.extra_cluster = extra_cluster
+        self.lab = Lab([*vm_hosts, witness, client], broker=True)
+        self.ftd: dict[str, FtdProcess] = {}
+
+    def __enter__(self) -> LabCluster:
+        self.lab.create()
+        try:
+            for h in [*self.vm_hosts, self.witness]:
+                doc = cluster_config(
+                    self.lab,
+                    h,
+                    vm_hosts=self.vm_hosts,
+                    witnesses=[self.witness],
+                    vms=self.plans,
+                    guest=self.guest,
+                    extra_cluster=self.extra_cluster,
+                )
+                self.ftd[h] = FtdProcess(
+                    self.lab, h, write_config(self.lab, h, doc), witness=h == self.witness
+                )
+                self.ftd[h].start()
+            for f in self.ftd.values():
+                f.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for f in self.ftd.values():
+            f.stop(timeout=10)
+        self.lab.destroy()
+
+    def vm_address(self, name: str) -> str:
+        return vm_address(self.lab, self.plans, name)
+
+    def vm_status(self, host: str, name: str) -> dict[str, Any]:
+        for vm in self.ftd[host].status()["vms"]:
+            if vm["name"] == name:
+                return dict(vm)
+        raise LabError(f"VM {name!r} not in the status of {host}")
+
+    def wait_vm(
+        self,
+        host: str,
+        name: str,
+        pred: Callable[[dict[str, Any]], bool],
+        timeout: float,
+        what: str,
+    ) -> dict[str, Any]:
+        """Poll ``host``'s status of VM ``name`` until ``pred`` holds. Raises LabError."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                last = self.vm_status(host, name)
+            except LabError:
+                last = {}
+            if last and pred(last):
+                return last
+            time.sleep(0.1)
+        raise LabError(
+            f"{name} on {host} never {what} in {timeout}s; last: {json.dumps(last)[:1500]}\n"
+            f"--- ftd log tail of {host}:\n{self.ftd[host].tail(3000)}"
+        )
+
+    def primary_host(self, name: str) -> str | None:
+        """The host whose ftd runs VM ``name`` as a running primary, if any."""
+        for h in self.vm_hosts:
+            try:
+                st = self.vm_status(h, name)
+            except LabError:
+                continue
+            if st["role"] == "primary" and st["state"] in ("protected", "running_unprotected"):
+                return h
+        return None

@@ -118,9 +118,9 @@ def namespace_pids(namespaces: Sequence[str]) -> dict[str, list[int]]:
         # A process may exit between listdir and stat; that is not an error.
         with contextlib.suppress(OSError):
             st = os.stat(f"/proc/{entry}/ns/net")
-            name = wanted.get((st.st_dev, st.st_ino))
-            if name is not None:
-                found[name].append(int(entry))
+            owner = wanted.get((st.st_dev, st.st_ino))
+            if owner is not None:
+                found[owner].append(int(entry))
     return found
 
 
@@ -161,7 +161,11 @@ def teardown(lab_id: str) -> list[str]:
         batch = "".join(f"netns delete {ns}\n" for ns in names)
         # -force keeps going past a namespace that vanished meanwhile; failures are rechecked.
         subprocess.run(
-            ["ip", "-force", "-batch", "-"], input=batch, capture_output=True, text=True, check=False
+            ["ip", "-force", "-batch", "-"],
+            input=batch,
+            capture_output=True,
+            text=True,
+            check=False,
         )
     for ns in list_namespaces().get(lab_id, []):
         problems.append(f"{ns}: namespace could not be deleted")
@@ -256,7 +260,9 @@ def _parse_alias(lab_id: str, alias: str) -> LabInfo:
     try:
         return LabInfo(lab_id, int(fields["k"]), tuple(fields["hosts"].split(",")))
     except (KeyError, ValueError) as err:
-        raise LabError(f"lab {lab_id}: unreadable description {alias!r} on {SWITCH_BRIDGE}") from err
+        raise LabError(
+            f"lab {lab_id}: unreadable description {alias!r} on {SWITCH_BRIDGE}"
+        ) from err
 
 
 def read_lab(lab_id: str) -> LabInfo:
@@ -316,7 +322,7 @@ def _validate_hosts(hosts: Sequence[str]) -> tuple[str, ...]:
 def _icmp_checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = int(sum(struct.unpack(f"!{len(data) // 2}H", data)))
     total = (total >> 16) + (total & 0xFFFF)
     total += total >> 16
     return ~total & 0xFFFF
@@ -394,8 +400,10 @@ class Lab:
         """
         if self.index >= 0:
             raise LabError(f"lab {self.id} is already created")
-        if self.id in list_namespaces():
-            raise LabError(f"lab {self.id} already exists (destroy it first: python -m lab down)")
+        if self.id in list_namespaces() or self.workdir.exists():
+            raise LabError(
+                f"lab {self.id} already exists (remove it first: python -m lab down {self.id})"
+            )
         started = time.monotonic()
         try:
             if self._want_reaper:
@@ -528,7 +536,8 @@ class Lab:
 
         Raises LabError for an unknown host; ``subprocess`` errors as ``subprocess.run`` does.
         """
-        return subprocess.run(self._exec_argv(host, argv), **kw)
+        check = bool(kw.pop("check", False))
+        return subprocess.run(self._exec_argv(host, argv), check=check, **kw)
 
     def popen(self, host: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
         """``subprocess.Popen(argv, **kw)`` inside ``host``, in a new session by default.
@@ -542,7 +551,11 @@ class Lab:
         return proc
 
     def socket(
-        self, host: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0
+        self,
+        host: str,
+        family: int = socket.AF_INET,
+        type: int = socket.SOCK_STREAM,
+        proto: int = 0,
     ) -> socket.socket:
         """A socket created inside ``host``'s namespace (usable from any thread).
 
@@ -553,17 +566,17 @@ class Lab:
             return socket.socket(family, type, proto)
 
     async def open_connection(
-        self, host: str, addr: str, port: int, *, timeout: float = 5.0
+        self, host: str, addr: str, port: int
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """asyncio streams for a TCP connection from ``host`` to ``addr:port``.
 
-        Raises LabError for an unknown host, OSError (or TimeoutError) when the connection fails.
+        Bound it with ``asyncio.timeout``.  Raises LabError for an unknown host, OSError when
+        the connection fails.
         """
         sock = self.socket(host, socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            async with asyncio.timeout(timeout):
-                await asyncio.get_running_loop().sock_connect(sock, (addr, port))
+            await asyncio.get_running_loop().sock_connect(sock, (addr, port))
             return await asyncio.open_connection(sock=sock)
         except BaseException:
             sock.close()
@@ -749,4 +762,3 @@ class Lab:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=_KILL_GRACE_S)
         self._procs.clear()
-

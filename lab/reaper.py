@@ -8,6 +8,7 @@ recycled pid for the owner.  A normal ``Lab.destroy()`` terminates it with SIGTE
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import sys
@@ -39,10 +40,8 @@ def wait_for_exit(pidfd: int) -> None:
 
 def _report(line: str) -> None:
     # The owner's stderr may be a pipe nobody reads any more; losing the report is acceptable.
-    try:
+    with contextlib.suppress(OSError):
         print(line, file=sys.stderr, flush=True)
-    except OSError:
-        pass
 
 
 def main(argv: Sequence[str]) -> int:

@@ -12,8 +12,8 @@ step() { printf '==> %s\n' "$*" >&2; }
 [ "$(id -u)" -eq 0 ] || { echo "make setup must run as root (it installs packages and builds namespaces)" >&2; exit 1; }
 
 pkgs=(mosquitto mosquitto-clients busybox-static linux-image-amd64 debootstrap iproute2
-      bridge-utils nftables libvirt-daemon-system libvirt-dev pkg-config gcc cpio
-      systemd python3-venv)
+      bridge-utils iptables nftables libvirt-daemon-system libvirt-dev pkg-config gcc cpio
+      systemd python3-venv vagrant vagrant-libvirt)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -113,7 +113,9 @@ def test_ftd_refuses_known_broken_qemu(lab: Lab, tmp_path: Path) -> None:
     # A host "QEMU 10.0.2" (Debian 12 backports): COLO ends 'completed'; ftd must refuse it.
     fake = tmp_path / "bin" / "qemu-system-x86_64"
     fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\necho 'QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-1~bpo12+1)'\n")
+    fake.write_text(
+        "#!/bin/sh\necho 'QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-1~bpo12+1)'\n"
+    )
     fake.chmod(0o755)
     doc = cluster_config(lab, "a", vm_hosts=["a"], witnesses=["w"], vms=[], guest=None)
     doc["qemu"] = {"binary": str(fake), "accel": "kvm"}

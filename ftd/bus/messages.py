@@ -201,6 +201,7 @@ class VmState(Message):
     state: str = _f(check=_matches(STATE_RE, "state"))
     role: str = _f(check=_one_of(VM_ROLES))
     generation: int = _f(0, check=_non_negative)
+    pairing: int = _f(0, check=_non_negative)
     reason: str = ""
     checkpoints: int = _f(0, check=_non_negative)
     last_pause_ms: float | None = _f(None, check=_non_negative)

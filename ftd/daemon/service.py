@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ftd import __version__
-from ftd.bus import Heartbeat, HostRecord, MqttBus, topic_hb, topic_host
+from ftd.bus import Heartbeat, HostRecord, MqttBus, VmState, topic_hb, topic_host
 from ftd.cluster.membership import Member, Membership
 from ftd.config import Config, load_config
 from ftd.control.events import EventLog
@@ -25,9 +25,19 @@ from ftd.control.server import ControlServer
 from ftd.daemon.notify import Notifier
 from ftd.daemon.state import next_boot_epoch
 from ftd.daemon.supervisor import Supervisor
-from ftd.errors import ConfigError, QemuVersionError
+from ftd.errors import ConfigError, QemuVersionError, RequestError
 from ftd.log import get_logger
-from ftd.qemu.runtime import QemuRuntime, QemuVersion, colo_verdict
+from ftd.qemu.runtime import QemuRuntime, QemuVersion, colo_verdict, probe_capabilities
+from ftd.vm.machine import (
+    FailoverRequested,
+    PeerLost,
+    ProtectRequested,
+    QuorumChanged,
+    ReprotectRequested,
+    State,
+    StopRequested,
+)
+from ftd.vm.runner import VmRunner
 
 
 def runtime_for(cfg: Config) -> QemuRuntime:
@@ -58,6 +68,9 @@ class Daemon:
             cfg.cluster.peer_timeout_ms / 1000,
         )
         self.bus: MqttBus | None = None
+        self.runners: dict[str, VmRunner] = {}
+        self._quorum_held: bool | None = None
+        self._last_auto_reprotect: dict[str, float] = {}
 
     # --- lifecycle -------------------------------------------------------------------------
     async def run(self) -> int:
@@ -72,6 +85,14 @@ class Daemon:
         await self.bus.connect()
         self.supervisor.spawn("bus-in", self._bus_in())
         self.supervisor.spawn("heartbeat", self._heartbeat())
+        if self.role == "vm-host":
+            rt = runtime_for(self.cfg)
+            for vm in self.cfg.vms:
+                if self.cfg.host in (vm.primary, vm.secondary) and vm.boot is not None:
+                    runner = VmRunner(self.cfg, vm, rt, self.bus, self.events)
+                    self.runners[vm.name] = runner
+                    self.supervisor.spawn(f"vm-{vm.name}", runner.run())
+            self.supervisor.spawn("detector", self._detector())
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.supervisor.stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.supervisor.stop, "SIGINT")
@@ -103,6 +124,7 @@ class Daemon:
         self.qemu_version, self.qemu_reason = version, reason
         if not ok:
             raise QemuVersionError(reason)
+        await asyncio.to_thread(probe_capabilities, rt)
         self.log.info("qemu checked", version=str(version), reason=reason)
 
     def _make_bus(self) -> MqttBus:
@@ -130,7 +152,7 @@ class Daemon:
             online=online,
             role=self.role,
             voter=self.cfg.this_host.voter,
-            vms={},
+            vms={name: r.view.role.value for name, r in self.runners.items()},
             qemu_version=str(self.qemu_version or ""),
             started_at=self.started_at,
         )
@@ -148,7 +170,7 @@ class Daemon:
 
     async def _bus_in(self) -> None:
         assert self.bus is not None
-        await self.bus.subscribe(["host/+", "hb/+"])
+        await self.bus.subscribe(["host/+", "hb/+", "vm/+/state/+"])
         async for _suffix, msg in self.bus.messages():
             now = time.monotonic()
             if isinstance(msg, HostRecord):
@@ -157,6 +179,52 @@ class Daemon:
                     self.events.record("membership", change, peer=msg.host, epoch=msg.epoch)
             elif isinstance(msg, Heartbeat):
                 self.membership.on_heartbeat(msg, now)
+            elif isinstance(msg, VmState):
+                runner = self.runners.get(msg.vm)
+                if runner is not None and msg.host == runner.peer:
+                    runner.on_peer_vm_state(msg)
+
+    async def _detector(self) -> None:
+        """The failure detector: quorum changes and lost peers become VM events.
+
+        Level-triggered: a lost peer is reported again every heartbeat interval while it
+        stays lost, so a verdict that came too early for a VM's state applies later.
+        A peer counts as fenced (proven dead) here when its ftd is gone and the local
+        secondary saw the primary's COLO stream close (its QEMU's sockets were closed).
+        """
+        interval = self.cfg.cluster.heartbeat_interval_ms / 1000
+        while True:
+            now = time.monotonic()
+            connected = bool(self.bus and self.bus.connected)
+            q = self.membership.quorum(now, connected, self.cfg.cluster.allow_two_node)
+            if q.has_quorum != self._quorum_held:
+                self._quorum_held = q.has_quorum
+                self.events.record(
+                    "quorum",
+                    f"quorum {'held' if q.has_quorum else 'lost'}: {q.reason}",
+                    "info" if q.has_quorum else "warning",
+                )
+                for r in self.runners.values():
+                    r.feed(QuorumChanged(held=q.has_quorum))
+            for r in self.runners.values():
+                v = self.membership.verdict(r.peer, now)
+                if not v.alive and connected:
+                    fenced = r.stream_lost
+                    why = f"{r.peer} lost: {v.reason}" + (
+                        "; its COLO stream closed" if fenced else ""
+                    )
+                    r.feed(PeerLost(why=why, fenced=fenced, quorum=q.has_quorum))
+                elif v.alive and q.has_quorum:
+                    self._maybe_auto_reprotect(r, now)
+            await asyncio.sleep(interval)
+
+    def _maybe_auto_reprotect(self, r: VmRunner, now: float) -> None:
+        if r.vm.reprotect != "auto" or r.view.state is not State.RUNNING_UNPROTECTED:
+            return
+        if now - self._last_auto_reprotect.get(r.vm.name, 0.0) < 5.0:
+            return
+        self._last_auto_reprotect[r.vm.name] = now
+        r.feed(ReprotectRequested())
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -186,10 +254,41 @@ class Daemon:
             ),
             self._op_events,
         )
+        vm_arg = {"vm": ArgSpec(str, required=True, help="VM name")}
+        self.control.register(OpSpec("protect", "start protection", vm_arg), self._op_protect)
+        self.control.register(
+            OpSpec("failover", "hand over to the secondary", vm_arg), self._op_failover
+        )
+        self.control.register(OpSpec("reprotect", "new secondary", vm_arg), self._op_reprotect)
+        self.control.register(OpSpec("stop", "stop the VM", vm_arg), self._op_stop)
         self.control.register_stream(
             OpSpec("events-follow", "recent events, then live ones", {"limit": ArgSpec(int)}),
             self._op_events_follow,
         )
+
+    def _runner(self, name: str) -> VmRunner:
+        r = self.runners.get(name)
+        if r is None:
+            known = ", ".join(sorted(self.runners)) or "none"
+            raise RequestError(f"no VM {name!r} on host {self.cfg.host} (VMs here: {known})")
+        return r
+
+    async def _vm_request(self, args: dict[str, Any], event: Any) -> Any:
+        r = self._runner(str(args["vm"]))
+        reason = await r.request(event)
+        return {"vm": r.vm.name, "host": self.cfg.host, "reason": reason, "vm_status": r.status()}
+
+    async def _op_protect(self, args: dict[str, Any]) -> Any:
+        return await self._vm_request(args, ProtectRequested())
+
+    async def _op_failover(self, args: dict[str, Any]) -> Any:
+        return await self._vm_request(args, FailoverRequested(manual=True))
+
+    async def _op_reprotect(self, args: dict[str, Any]) -> Any:
+        return await self._vm_request(args, ReprotectRequested())
+
+    async def _op_stop(self, args: dict[str, Any]) -> Any:
+        return await self._vm_request(args, StopRequested())
 
     async def _op_ping(self, args: dict[str, Any]) -> Any:
         return {"host": self.cfg.host, "pid": os.getpid()}
@@ -243,5 +342,5 @@ class Daemon:
                 "reason": q.reason,
             },
             "tasks": self.supervisor.names(),
-            "vms": [],
+            "vms": [r.status() for r in self.runners.values()],
         }

@@ -1,0 +1,201 @@
+"""QEMU command lines for a COLO primary and secondary (pure functions, argv lists).
+
+Layout follows shared/COLO.md and QEMU's docs/system/qemu-colo.rst:
+
+* primary: disk ``colo-disk0`` = quorum (vote-threshold=1, read-pattern=fifo) whose child 0
+  is the raw image (child 1, the replication node, is added at protect time); per NIC a
+  filter-mirror, two filter-redirectors and a colo-compare with its own iothread;
+* secondary: ``-incoming``; disk ``parent0`` (raw image) under a replication node in
+  secondary mode over active/hidden qcow2 overlays, topped by the same quorum id; per NIC two
+  filter-redirectors and a filter-rewriter.
+
+Every value reaching the argv was validated by :class:`~ftd.qemu.spec.QemuVmSpec`.
+"""
+
+from __future__ import annotations
+
+from ftd.qemu.runtime import QemuRuntime
+from ftd.qemu.spec import NicIds, QemuVmSpec
+
+#: Trace events ftd reads (ftd.qemu.trace parses them); logged to ``spec.trace_log``.
+TRACE_EVENTS = (
+    "colo_vm_state_change",
+    "colo_send_message",
+    "colo_receive_message",
+    "colo_flush_ram_cache_begin",
+    "colo_flush_ram_cache_end",
+    "colo_failover_set_state",
+    "migration_bitmap_sync_end",
+    "colo_compare_udp_miscompare",
+    "colo_compare_icmp_miscompare",
+)
+
+DISK_ID = "colo-disk0"
+PARENT_ID = "parent0"
+SECONDARY_CHILD_ID = "childs0"
+#: Node name of the primary's replication child added at protect time.
+REPLICATION_NODE = "replication0"
+RECONNECT_MS = 1000
+
+
+def _common(spec: QemuVmSpec, role: str) -> list[str]:
+    args = [
+        "-name",
+        f"{spec.name},debug-threads=on",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-accel",
+        spec.accel,
+        "-machine",
+        spec.machine,
+        "-m",
+        str(spec.memory_mib),
+        "-smp",
+        str(spec.vcpus),
+        "-qmp",
+        f"unix:{spec.qmp_socket},server=on,wait=off",
+        "-serial",
+        f"file:{spec.serial_log}",
+        "-pidfile",
+        str(spec.pidfile),
+        "-msg",
+        "timestamp=on",
+        "-D",
+        str(spec.trace_log),
+    ]
+    for event in TRACE_EVENTS:
+        args += ["-trace", f"enable={event}"]
+    if spec.kernel is not None:
+        args += ["-kernel", str(spec.kernel)]
+        if spec.initrd is not None:
+            args += ["-initrd", str(spec.initrd)]
+        if spec.append:
+            args += ["-append", spec.append]
+    for i, nic in enumerate(spec.nics):
+        ids = NicIds(i)
+        args += [
+            "-netdev",
+            f"tap,id={ids.netdev},ifname={spec.tap(i, role)},script=no,downscript=no,vhost=off",
+            "-device",
+            f"e1000,id={ids.device},netdev={ids.netdev},mac={nic.mac}",
+        ]
+    return args
+
+
+def primary_net_chardevs(spec: QemuVmSpec, ids: NicIds) -> list[tuple[str, str]]:
+    """(id, -chardev option string) of the primary's per-NIC sockets, servers first."""
+    i = ids.index
+    pri_in = spec.local_socket(ids.pri_in_server)
+    out = spec.local_socket(ids.out_server)
+    host = spec.local_address
+    return [
+        (
+            ids.mirror_chr,
+            f"socket,id={ids.mirror_chr},host={host},port={spec.mirror_port(i)},server=on,wait=off",
+        ),
+        (
+            ids.sec_in_chr,
+            f"socket,id={ids.sec_in_chr},host={host},port={spec.compare_port(i)},"
+            "server=on,wait=off",
+        ),
+        (ids.pri_in_server, f"socket,id={ids.pri_in_server},path={pri_in},server=on,wait=off"),
+        (ids.pri_in_client, f"socket,id={ids.pri_in_client},path={pri_in}"),
+        (ids.out_server, f"socket,id={ids.out_server},path={out},server=on,wait=off"),
+        (ids.out_client, f"socket,id={ids.out_client},path={out}"),
+    ]
+
+
+def primary_net_objects(ids: NicIds) -> list[dict[str, str]]:
+    """The primary's per-NIC proxy objects as object-add arguments, in creation order."""
+    return [
+        {
+            "qom-type": "filter-mirror",
+            "id": ids.mirror_filter,
+            "netdev": ids.netdev,
+            "queue": "tx",
+            "outdev": ids.mirror_chr,
+        },
+        {
+            "qom-type": "filter-redirector",
+            "id": ids.redirector_in,
+            "netdev": ids.netdev,
+            "queue": "rx",
+            "indev": ids.out_server,
+        },
+        {
+            "qom-type": "filter-redirector",
+            "id": ids.redirector_out,
+            "netdev": ids.netdev,
+            "queue": "rx",
+            "outdev": ids.pri_in_server,
+        },
+        {"qom-type": "iothread", "id": ids.iothread},
+        {
+            "qom-type": "colo-compare",
+            "id": ids.compare,
+            "primary_in": ids.pri_in_client,
+            "secondary_in": ids.sec_in_chr,
+            "outdev": ids.out_client,
+            "iothread": ids.iothread,
+        },
+    ]
+
+
+def _object_option(obj: dict[str, str]) -> str:
+    rest = ",".join(f"{k}={v}" for k, v in obj.items() if k != "qom-type")
+    return f"{obj['qom-type']},{rest}"
+
+
+def primary_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
+    """The argv starting ``spec`` as a COLO primary (not yet protected)."""
+    args = _common(spec, "primary")
+    args += [
+        "-drive",
+        f"if=ide,id={DISK_ID},driver=quorum,read-pattern=fifo,vote-threshold=1,"
+        f"children.0.driver=raw,children.0.file.filename={spec.disk_path}",
+    ]
+    for ids in spec.nic_ids():
+        for _, opt in primary_net_chardevs(spec, ids):
+            args += ["-chardev", opt]
+        for obj in primary_net_objects(ids):
+            args += ["-object", _object_option(obj)]
+    return runtime.argv("qemu-system-x86_64", *args)
+
+
+def secondary_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
+    """The argv starting ``spec`` as a COLO secondary waiting for the primary's migration."""
+    args = _common(spec, "secondary")
+    args += [
+        "-drive",
+        f"if=none,id={PARENT_ID},driver=raw,file.filename={spec.disk_path}",
+        "-drive",
+        f"if=none,id={SECONDARY_CHILD_ID},driver=replication,mode=secondary,"
+        f"top-id={DISK_ID},file.driver=qcow2,file.file.filename={spec.active_overlay},"
+        f"file.backing.driver=qcow2,file.backing.file.filename={spec.hidden_overlay},"
+        f"file.backing.backing={PARENT_ID}",
+        "-drive",
+        f"if=ide,id={DISK_ID},driver=quorum,read-pattern=fifo,vote-threshold=1,"
+        f"children.0={SECONDARY_CHILD_ID}",
+    ]
+    for ids in spec.nic_ids():
+        i = ids.index
+        args += [
+            "-chardev",
+            f"socket,id={ids.red0_chr},host={spec.peer_address},port={spec.mirror_port(i)},"
+            f"reconnect-ms={RECONNECT_MS}",
+            "-chardev",
+            f"socket,id={ids.red1_chr},host={spec.peer_address},port={spec.compare_port(i)},"
+            f"reconnect-ms={RECONNECT_MS}",
+            "-object",
+            f"filter-redirector,id={ids.sec_tx_filter},netdev={ids.netdev},queue=tx,"
+            f"indev={ids.red0_chr}",
+            "-object",
+            f"filter-redirector,id={ids.sec_rx_filter},netdev={ids.netdev},queue=rx,"
+            f"outdev={ids.red1_chr}",
+            "-object",
+            f"filter-rewriter,id={ids.rewriter},netdev={ids.netdev},queue=all",
+        ]
+    args += ["-incoming", f"tcp:{spec.local_address}:{spec.migration_port}"]
+    return runtime.argv("qemu-system-x86_64", *args)

@@ -1,0 +1,652 @@
+"""The I/O side of one protected VM on this host: it feeds events to the pure state machine
+(:func:`ftd.vm.machine.decide`) and carries out the actions it returns with the QEMU driver
+and the bus.
+
+One ``VmRunner`` per VM this host takes part in, each a supervised task. Everything that
+happens to the VM becomes an event on the runner's queue, handled one at a time:
+
+* the local QEMU: process exit (pidfd), QMP loss, ``COLO_EXIT``, checkpoints parsed from the
+  trace log, and the secondary's "Can't receive COLO message" (the primary's stream closed);
+* the peer: its retained ``VmState`` on the bus (:class:`~ftd.vm.machine.PeerState`);
+* the failure detector of the daemon (:class:`PeerLost`, :class:`QuorumChanged`);
+* the operator (ftctl requests: protect, failover, reprotect), answered with the decision's
+  reason or the machine's refusal.
+
+Long protect steps (disk resync, entering COLO) run as jobs so the queue keeps moving; they
+report back with events. The view is persisted after every decision (atomic write), so a
+restarted ftd re-attaches to its running QEMU without disturbing the guest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import signal
+import statistics
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ftd.bus import Bus, VmState, topic_vm_state
+from ftd.config.schema import Config, Vm
+from ftd.control.events import EventLog
+from ftd.daemon.state import read_json, write_json_atomic
+from ftd.errors import FtError, QemuError, RequestError, StateError
+from ftd.log import get_logger
+from ftd.qemu import colo, trace
+from ftd.qemu.process import QemuProcess, prepare_disks
+from ftd.qemu.qmp import QmpSession
+from ftd.qemu.runtime import QemuRuntime
+from ftd.qemu.spec import Nic, QemuVmSpec
+from ftd.qemu.trace import Checkpoint, CheckpointParser, TraceFollower
+from ftd.vm.machine import (
+    AbortColo,
+    Action,
+    Alert,
+    CheckpointDone,
+    ColoEntered,
+    ColoExit,
+    DropSecondary,
+    Event,
+    FailoverDone,
+    FailoverToSelf,
+    KillLocalQemu,
+    LaunchPrimary,
+    LaunchSecondary,
+    LocalQemuExited,
+    LocalQemuStarted,
+    PauseLocalQemu,
+    PeerState,
+    ProtectTimedOut,
+    PublishState,
+    QmpLost,
+    ResumeLocalQemu,
+    ResyncDone,
+    ResyncProgress,
+    Role,
+    StartColo,
+    StartResync,
+    State,
+    SyncStatus,
+    SyncStep,
+    VmEpoch,
+    VmView,
+    decide,
+)
+
+# The secondary QEMU prints this when the primary's COLO stream closes: the primary QEMU's
+# sockets were closed by its kernel (process gone) or by the primary dropping its secondary.
+STREAM_LOST_MARK = "Can't receive COLO message"
+# How many expected checkpoint periods may pass after entering COLO with no checkpoint
+# before protect counts as failed (the known COLO start wedge, shared/COLO.md).
+WEDGE_PERIODS = 5
+
+
+def spec_for(cfg: Config, vm: Vm, host: str) -> QemuVmSpec:
+    """The QEMU driver's spec of ``vm`` on ``host`` (either role). Raises QemuError."""
+    peer = vm.secondary if host == vm.primary else vm.primary
+    addr = {h.name: h.address for h in cfg.cluster.hosts}
+    if vm.boot is None:
+        raise QemuError(f"vm {vm.name}: libvirt-owned VMs are not launched by ftd")
+    return QemuVmSpec(
+        name=vm.name,
+        memory_mib=vm.memory_mib,
+        vcpus=vm.vcpus,
+        accel=cfg.qemu.accel,
+        machine=cfg.qemu.machine,
+        kernel=vm.boot.kernel,
+        initrd=vm.boot.initrd,
+        append=vm.boot.append or "",
+        disk_path=vm.disk.path,
+        disk_size_mib=vm.disk.size_mib,
+        overlay_dir=vm.disk.active_dir / vm.name,
+        nics=tuple(Nic(n.mac, n.bridge) for n in vm.nics),
+        run_dir=cfg.paths.run_dir / "vms" / vm.name,
+        local_address=addr[host],
+        peer_address=addr[peer],
+        port_base=vm.ports.base,
+    )
+
+
+def initial_view(vm: Vm, host: str) -> VmView:
+    """The view of a VM this host has never run: stopped, in its configured role."""
+    if host == vm.primary:
+        return VmView(role=Role.PRIMARY, peer=vm.secondary, reason="configured primary")
+    return VmView(role=Role.SECONDARY, peer=vm.primary, reason="configured secondary")
+
+
+def view_to_json(view: VmView) -> dict[str, Any]:
+    d = dataclasses.asdict(view)
+    d["state"], d["role"] = view.state.value, view.role.value
+    if view.sync is not None:
+        d["sync"] = {"step": view.sync.step.value, "done": view.sync.done, "total": view.sync.total}
+    return d
+
+
+def view_from_json(d: Any) -> VmView:
+    """Rebuild a persisted view. Raises StateError when it is damaged."""
+    if not isinstance(d, dict):
+        raise StateError(f"vm state must be an object, got {type(d).__name__}")
+    try:
+        sync = d.get("sync")
+        return VmView(
+            state=State(d["state"]),
+            role=Role(d["role"]),
+            peer=d.get("peer"),
+            generation=int(d["generation"]),
+            pairing=int(d["pairing"]),
+            last_checkpoint_at=d.get("last_checkpoint_at"),
+            reason=str(d.get("reason", "")),
+            sync=None
+            if sync is None
+            else SyncStatus(SyncStep(sync["step"]), int(sync["done"]), int(sync["total"])),
+            paused=bool(d.get("paused", False)),
+            quorum=False,
+            since=float(d.get("since", 0.0)),
+        )
+    except (KeyError, ValueError, TypeError) as err:
+        raise StateError(f"vm state is damaged: {err!r}") from err
+
+
+@dataclass
+class CheckpointStats:
+    """What ftctl status shows about checkpoints (this host's QEMU)."""
+
+    count: int = 0
+    last_pause_ms: float | None = None
+    last_at: float | None = None
+    last_dirty_pages: int | None = None
+    miscompares: int = 0
+    pauses: deque[float] = field(default_factory=lambda: deque(maxlen=512))
+    times: deque[float] = field(default_factory=lambda: deque(maxlen=512))
+
+    def add(self, at: float, cp: Checkpoint) -> None:
+        self.count += 1
+        self.last_at = at
+        self.times.append(at)
+        if cp.pause_s is not None:
+            self.last_pause_ms = cp.pause_s * 1000
+            self.pauses.append(self.last_pause_ms)
+        self.last_dirty_pages = cp.dirty_pages
+
+    def summary(self, now: float) -> dict[str, Any]:
+        pauses = sorted(self.pauses)
+        recent = [t for t in self.times if now - t <= 60]
+        return {
+            "count": self.count,
+            "last_pause_ms": _r(self.last_pause_ms),
+            "avg_pause_ms": _r(statistics.fmean(pauses)) if pauses else None,
+            "p99_pause_ms": _r(pauses[min(len(pauses) - 1, int(0.99 * len(pauses)))])
+            if pauses
+            else None,
+            "age_s": _r(now - self.last_at) if self.last_at is not None else None,
+            "per_min": len(recent),
+            "last_dirty_pages": self.last_dirty_pages,
+            "miscompares": self.miscompares,
+        }
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
+
+
+@dataclass(frozen=True)
+class _Request:
+    event: Event
+    reply: asyncio.Future[str]
+
+
+class VmRunner:
+    """Runs one VM's part on this host; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        vm: Vm,
+        runtime: QemuRuntime,
+        bus: Bus,
+        events: EventLog,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.vm = vm
+        self.host = cfg.host
+        self.peer = vm.secondary if cfg.host == vm.primary else vm.primary
+        self.spec = spec_for(cfg, vm, cfg.host)
+        self.runtime = runtime
+        self.bus = bus
+        self.events = events
+        self.clock = clock
+        self.log = get_logger(vm=vm.name, host=cfg.host)
+        self.view = initial_view(vm, cfg.host)
+        self.queue: asyncio.Queue[Event | _Request] = asyncio.Queue()
+        self.proc: QemuProcess | None = None
+        self.qmp: QmpSession | None = None
+        self.stats = CheckpointStats()
+        self.peer_last: PeerState | None = None
+        self.peer_info: dict[str, Any] = {}
+        self.stream_lost = False
+        self.failovers = 0
+        self.last_failover_s: float | None = None
+        self._watchers: list[asyncio.Task[None]] = []
+        self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._killing = False
+        self._colo_entered_at: float | None = None
+        self._state_path = cfg.paths.state_dir / "vms" / f"{vm.name}.json"
+
+    # --- the loop ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Restore the persisted view (re-attaching to a running QEMU), then handle events."""
+        await self._restore()
+        await self._publish(self.view)
+        try:
+            while True:
+                item = await self.queue.get()
+                if isinstance(item, _Request):
+                    await self._handle(item.event, item.reply)
+                else:
+                    await self._handle(item, None)
+        finally:
+            await self._stop_watchers()
+            if self.qmp is not None:
+                await self.qmp.close()
+
+    def feed(self, event: Event) -> None:
+        """Queue an event (from the daemon: peer states, failure verdicts, quorum)."""
+        self.queue.put_nowait(event)
+
+    async def request(self, event: Event, timeout_s: float = 30.0) -> str:
+        """An operator request: the decision's reason, or RequestError with the refusal."""
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait(_Request(event, fut))
+        return await asyncio.wait_for(fut, timeout_s)
+
+    async def _handle(self, event: Event, reply: asyncio.Future[str] | None) -> None:
+        now = self.clock()
+        try:
+            d = decide(self.view, event, now)
+        except RequestError as err:
+            if reply is not None and not reply.done():
+                reply.set_exception(err)
+            return
+        before = self.view
+        self.view = d.view
+        if reply is not None and not reply.done():
+            reply.set_result(d.reason)
+        changed = before != d.view
+        if changed or d.actions:
+            if before.state != d.view.state or before.role != d.view.role or d.actions:
+                self.events.record(
+                    "vm",
+                    d.reason,
+                    "warning" if any(isinstance(a, Alert) for a in d.actions) else "info",
+                    vm=self.vm.name,
+                    state=d.view.state.value,
+                    role=d.view.role.value,
+                    epoch=str(d.view.epoch),
+                )
+            else:
+                self.log.debug("vm decision", reason=d.reason)
+            self._persist()
+        for action in d.actions:
+            try:
+                ok = await self._do(action)
+            except asyncio.CancelledError:
+                raise
+            except FtError as err:
+                self.events.record(
+                    "vm",
+                    f"action {type(action).__name__} failed: {err}",
+                    "error",
+                    vm=self.vm.name,
+                )
+                self._on_action_failed(action)
+                break
+            if not ok:
+                break
+        if changed and self.peer_last is not None:
+            # The machine is level-triggered: the peer's last state may apply now.
+            self.queue.put_nowait(self.peer_last)
+
+    def _on_action_failed(self, action: Action) -> None:
+        if isinstance(action, LaunchPrimary | LaunchSecondary):
+            self.queue.put_nowait(LocalQemuExited(code=-1))
+        elif isinstance(action, FailoverToSelf):
+            # QEMU could not be made primary: treat the copy as gone so the machine decides.
+            self.queue.put_nowait(LocalQemuExited(code=-1))
+
+    # --- actions -------------------------------------------------------------------------------
+    async def _do(self, action: Action) -> bool:
+        """Carry out one action; False stops the remaining ones of the decision."""
+        match action:
+            case PublishState():
+                return await self._publish(self.view, need_ack=True)
+            case LaunchPrimary():
+                await self._launch("primary")
+            case LaunchSecondary():
+                await self._launch("secondary")
+            case StartResync():
+                self._job("resync", self._resync())
+            case StartColo():
+                self._job("colo", self._start_colo())
+            case FailoverToSelf():
+                await self._failover_to_self()
+            case DropSecondary():
+                await self._drop_secondary()
+            case AbortColo():
+                await self._abort_colo()
+            case KillLocalQemu(reason=why):
+                await self._kill_local(why)
+            case PauseLocalQemu():
+                await self._qmp().execute("stop")
+            case ResumeLocalQemu():
+                await self._qmp().execute("cont")
+            case Alert(message=msg):
+                self.log.warning("alert", message=msg)
+        return True
+
+    def _qmp(self) -> QmpSession:
+        if self.qmp is None or not self.qmp.connected:
+            raise QemuError(f"vm {self.vm.name}: no QMP connection to the local QEMU")
+        return self.qmp
+
+    async def _launch(self, role: str) -> None:
+        if self.proc is not None and self.proc.alive():
+            await self._kill_local(f"relaunch as {role}")
+        await prepare_disks(self.spec, role, self.runtime)
+        self.stream_lost = False
+        self.stats = CheckpointStats()
+        self.proc = await QemuProcess.launch(self.spec, role, self.runtime)
+        await self._connect(self.proc)
+        if role == "secondary":
+            await colo.prepare_secondary(self._qmp(), self.spec)
+        self.queue.put_nowait(LocalQemuStarted())
+
+    async def _connect(self, proc: QemuProcess, from_end: bool = False) -> None:
+        self.qmp = QmpSession(f"{self.vm.name}@{self.host}", self.spec.qmp_socket)
+        await self.qmp.connect(retry_until=10.0)
+        await self._stop_watchers()
+        follower = TraceFollower(
+            self.spec.trace_log, CheckpointParser(proc.role), from_end=from_end
+        )
+        self._watchers = [
+            asyncio.create_task(self._watch_exit(proc), name=f"vm-{self.vm.name}-exit"),
+            asyncio.create_task(self._watch_qmp(self.qmp), name=f"vm-{self.vm.name}-qmp"),
+            asyncio.create_task(self._watch_trace(follower), name=f"vm-{self.vm.name}-trace"),
+            asyncio.create_task(self._watch_colo_exit(self.qmp), name=f"vm-{self.vm.name}-colo"),
+        ]
+        if proc.role == "secondary":
+            self._watchers.append(
+                asyncio.create_task(self._watch_stream(), name=f"vm-{self.vm.name}-stream")
+            )
+
+    async def _stop_watchers(self) -> None:
+        for t in self._watchers:
+            t.cancel()
+        for t in self._watchers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._watchers = []
+
+    def _job(self, name: str, coro: Awaitable[None]) -> None:
+        old = self._jobs.get(name)
+        if old is not None and not old.done():
+            old.cancel()
+
+        async def wrapped() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except FtError as err:
+                self.events.record("vm", f"{name} failed: {err}", "error", vm=self.vm.name)
+                self.queue.put_nowait(ProtectTimedOut(armed_at=self.clock()))
+
+        self._jobs[name] = asyncio.create_task(wrapped(), name=f"vm-{self.vm.name}-{name}")
+
+    async def _cancel_jobs(self) -> None:
+        jobs = [t for t in self._jobs.values() if not t.done()]
+        for t in jobs:
+            t.cancel()
+        for t in jobs:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._jobs = {}
+
+    async def _resync(self) -> None:
+        def progress(p: colo.ColoProgress) -> None:
+            if p.total_bytes:
+                self.queue.put_nowait(ResyncProgress(p.done_bytes or 0, p.total_bytes))
+
+        await colo.mirror_disk(self._qmp(), self.spec, progress=progress)
+        self.queue.put_nowait(ResyncDone())
+
+    async def _start_colo(self) -> None:
+        delay = self.vm.checkpoint.interval_ms or 2000
+        took = await colo.start_colo(self._qmp(), self.spec, checkpoint_delay_ms=delay)
+        self._colo_entered_at = self.clock()
+        self.events.record("vm", f"COLO entered {took:.2f}s after migrate", vm=self.vm.name)
+        self.queue.put_nowait(ColoEntered())
+        armed = self.clock()
+        await asyncio.sleep(WEDGE_PERIODS * max(delay, 1000) / 1000)
+        if self.view.state is State.PROTECTED and (
+            self.stats.last_at is None or self.stats.last_at < armed
+        ):
+            self.queue.put_nowait(ProtectTimedOut(armed_at=armed))
+
+    async def _failover_to_self(self) -> None:
+        started = time.monotonic()
+        await colo.failover_secondary(self._qmp(), self.spec)
+        self.failovers += 1
+        self.last_failover_s = time.monotonic() - started
+        self.queue.put_nowait(FailoverDone())
+
+    async def _drop_secondary(self) -> None:
+        await colo.failover_primary(self._qmp(), self.spec)
+
+    async def _abort_colo(self) -> None:
+        await self._cancel_jobs()
+        q = self.qmp
+        if q is None or not q.connected:
+            return
+        for cmd, args in (
+            ("migrate_cancel", None),
+            ("block-job-cancel", {"device": colo.MIRROR_JOB, "force": True}),
+        ):
+            with contextlib.suppress(FtError):
+                await q.execute(cmd, args)
+        with contextlib.suppress(FtError):
+            await colo.failover_primary(q, self.spec, timeout_s=10)
+        with contextlib.suppress(FtError):
+            status = await q.execute("query-status")
+            if status.get("status") != "running":
+                await q.execute("cont")
+
+    async def _kill_local(self, why: str) -> None:
+        await self._cancel_jobs()
+        proc = self.proc
+        if proc is None:
+            return
+        self._killing = True
+        try:
+            proc.kill(signal.SIGKILL)
+            await proc.wait_exit(10.0)
+            await proc.cleanup()
+        finally:
+            self._killing = False
+        await self._stop_watchers()
+        if self.qmp is not None:
+            await self.qmp.close()
+        self.qmp = None
+        self.proc = None
+        self.log.info("local qemu killed", reason=why)
+
+    async def _publish(self, view: VmView, need_ack: bool = False) -> bool:
+        msg = VmState(
+            host=self.host,
+            vm=self.vm.name,
+            state=view.state.value,
+            role=view.role.value,
+            generation=view.generation,
+            pairing=view.pairing,
+            reason=view.reason[:1000],
+            checkpoints=self.stats.count,
+            last_pause_ms=self.stats.last_pause_ms,
+            last_checkpoint_at=self.stats.last_at,
+        )
+        ok = await self.bus.publish(topic_vm_state(self.vm.name, self.host), msg, retain=True)
+        if not ok and need_ack:
+            self.events.record(
+                "vm",
+                "state not acknowledged by the broker: remaining actions held back",
+                "warning",
+                vm=self.vm.name,
+            )
+        return ok or not need_ack
+
+    # --- watchers ------------------------------------------------------------------------------
+    async def _watch_exit(self, proc: QemuProcess) -> None:
+        while not await proc.wait_exit(3600):
+            pass
+        if not self._killing and self.proc is proc:
+            code = proc.popen.returncode if proc.popen is not None else None
+            self.events.record("vm", f"local QEMU exited ({code})", "warning", vm=self.vm.name)
+            self.proc = None
+            await proc.cleanup()
+            self.queue.put_nowait(LocalQemuExited(code=code if code is not None else -1))
+
+    async def _watch_qmp(self, qmp: QmpSession) -> None:
+        await qmp.closed.wait()
+        await asyncio.sleep(0.2)
+        if not self._killing and self.qmp is qmp and self.proc is not None and self.proc.alive():
+            self.queue.put_nowait(QmpLost())
+
+    async def _watch_trace(self, follower: TraceFollower) -> None:
+        while True:
+            for item in follower.poll():
+                if isinstance(item, trace.ColoEntered) and self.view.role is Role.SECONDARY:
+                    # The primary learns it from `migrate`; the secondary from its trace.
+                    self.queue.put_nowait(ColoEntered())
+                elif isinstance(item, trace.Miscompare):
+                    self.stats.miscompares += 1
+                elif isinstance(item, Checkpoint):
+                    at = self.clock()
+                    self.stats.add(at, item)
+                    self.queue.put_nowait(
+                        CheckpointDone(at=at, pause_ms=(item.pause_s or 0.0) * 1000)
+                    )
+            await asyncio.sleep(0.05)
+
+    async def _watch_colo_exit(self, qmp: QmpSession) -> None:
+        with qmp.listener(("COLO_EXIT",)) as listener:
+            while True:
+                ev = await qmp.next_event(listener, 3600)
+                reason = str(ev.get("data", {}).get("reason", "unknown"))
+                self.queue.put_nowait(ColoExit(reason=reason))
+
+    async def _watch_stream(self) -> None:
+        path = self.spec.stderr_log
+        offset = path.stat().st_size if path.exists() else 0
+        while True:
+            with contextlib.suppress(OSError):
+                with path.open("rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                offset += len(chunk)
+                if STREAM_LOST_MARK.encode() in chunk and not self.stream_lost:
+                    self.stream_lost = True
+                    self.events.record(
+                        "vm",
+                        "COLO stream from the primary closed (primary QEMU gone or it dropped us)",
+                        "warning",
+                        vm=self.vm.name,
+                    )
+            await asyncio.sleep(0.02)
+
+    # --- restart ---------------------------------------------------------------------------
+    async def _restore(self) -> None:
+        saved = read_json(self._state_path)
+        if saved is None:
+            self._persist()
+            return
+        view = view_from_json(saved)
+        try:
+            proc = QemuProcess.attach(self.spec.run_dir)
+        except QemuError as err:
+            proc = None
+            self.log.info("no running QEMU to re-attach", reason=str(err))
+        if proc is not None:
+            self.proc = proc
+            await self._connect(proc, from_end=True)
+            self.view = dataclasses.replace(view, reason=f"re-attached to QEMU pid {proc.pid}")
+            self.events.record(
+                "vm",
+                f"ftd restarted: re-attached to running QEMU pid {proc.pid} ({proc.role}, "
+                f"{view.state}) without touching the guest",
+                vm=self.vm.name,
+            )
+        else:
+            # The local copy is gone (host reboot, QEMU died while ftd was down).
+            self.view = view
+            self.queue.put_nowait(LocalQemuExited(code=-1))
+        self._persist()
+
+    def _persist(self) -> None:
+        write_json_atomic(self._state_path, view_to_json(self.view))
+
+    # --- status ----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        v = self.view
+        sync: dict[str, Any] | None = None
+        if v.sync is not None:
+            sync = {
+                "step": v.sync.step.value,
+                "done": v.sync.done,
+                "total": v.sync.total,
+            }
+            if v.sync.total:
+                sync["percent"] = round(100 * v.sync.done / v.sync.total, 1)
+        return {
+            "name": self.vm.name,
+            "state": v.state.value,
+            "role": v.role.value,
+            "host": self.host,
+            "peer": v.peer,
+            "epoch": str(v.epoch),
+            "standby": self.vm.standby,
+            "policy": self.vm.checkpoint.policy,
+            "reason": v.reason,
+            "since": v.since,
+            "paused": v.paused,
+            "quorum": v.quorum,
+            "qemu_pid": self.proc.pid if self.proc is not None else None,
+            "checkpoints": self.stats.summary(now),
+            "sync": sync,
+            "peer_state": self.peer_info,
+            "failovers": self.failovers,
+            "last_failover_s": self.last_failover_s,
+        }
+
+    def on_peer_vm_state(self, msg: VmState) -> None:
+        """A retained VmState from the peer host for this VM."""
+        try:
+            ps = PeerState(VmEpoch(msg.generation, msg.pairing), State(msg.state), Role(msg.role))
+        except (ValueError, FtError) as err:
+            self.log.warning("peer vm state dropped", error=str(err))
+            return
+        self.peer_info = {
+            "host": msg.host,
+            "state": msg.state,
+            "role": msg.role,
+            "epoch": f"{msg.generation}.{msg.pairing}",
+            "checkpoints": msg.checkpoints,
+            "last_pause_ms": msg.last_pause_ms,
+            "reason": msg.reason,
+        }
+        self.peer_last = ps
+        self.feed(ps)

@@ -1,0 +1,679 @@
+"""ftd on libvirt-owned VMs: pure checks of the XML rules, then real libvirtd + QEMU 11.1.3.
+
+The real tests run libvirtd (started here when it is not running: no systemd in the lab
+container, so ``libvirtd -d`` and ``virtlogd -d``) and transient or defined domains booting the
+lab guest under TCG through scripts/qemu-for-libvirt.sh.  Every domain a test defines is
+destroyed and undefined at teardown, through virsh, whatever the test's outcome.
+
+Run: ``.venv/bin/pytest -s tests/test_libvirt.py`` (root; figures printed with -s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+import libvirt
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ftd.errors import QemuError
+from ftd.libvirt import LibvirtDisconnectedError, LibvirtError
+from ftd.libvirt.check import (
+    Finding,
+    Severity,
+    check_domain,
+    check_domain_xml,
+    render_json,
+    render_table,
+    verdict,
+)
+from ftd.libvirt.domain import (
+    DomainState,
+    LibvirtDomain,
+    QmpSocketSpec,
+    guest_name_from_cmdline,
+    pidfile_dir,
+    qmp_socket_from_xml,
+    qmp_sockets,
+)
+from ftd.libvirt.events import LibvirtEvents, LifecycleKind, lifecycle_event
+from ftd.qemu.qmp import QmpSession
+from ftd.qemu.runtime import QemuVersion
+
+URI = "qemu:///system"
+REPO = Path(__file__).resolve().parents[1]
+EMULATOR = REPO / "scripts/qemu-for-libvirt.sh"
+GUEST = Path("/var/cache/ftd/guest")
+SOCKET_DIR = Path("/var/lib/libvirt/qemu")
+V11 = QemuVersion(11, 1, 3)
+BOOT_TIMEOUT_S = 180.0
+
+# All libvirt event work shares one asyncio loop: libvirt takes one event loop per process.
+real_async = [pytest.mark.real, pytest.mark.asyncio(loop_scope="session")]
+
+
+def domain_xml(
+    name: str,
+    workdir: Path,
+    *,
+    acpi: bool = True,
+    qmp: bool = True,
+    nic_driver: str | None = "qemu",
+    tap: str = "",
+) -> str:
+    """The lab guest as a libvirt domain: 128 MiB, 1 vCPU, TCG, raw disk, tap NIC, QMP socket.
+
+    QEMU runs as root without relabelling (static DAC label): libvirt would otherwise chown
+    the shared guest kernel/initrd to libvirt-qemu for the domain's lifetime.
+    """
+    features = "<features><acpi/></features>" if acpi else ""
+    driver = f"<driver name='{nic_driver}'/>" if nic_driver else ""
+    target = f"<target dev='{tap}'/>" if tap else ""
+    commandline = (
+        "<qemu:commandline><qemu:arg value='-qmp'/>"
+        f"<qemu:arg value='unix:{SOCKET_DIR}/ftd-{name}.qmp,server=on,wait=off'/>"
+        "</qemu:commandline>"
+        if qmp
+        else ""
+    )
+    return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{name}</name>
+  <memory unit='MiB'>128</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{GUEST}/kernel</kernel>
+    <initrd>{GUEST}/initrd.img</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1 ftd.workload=idle</cmdline>
+  </os>
+  {features}
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>{EMULATOR}</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{workdir}/disk.raw'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <interface type='ethernet'>
+      <mac address='52:54:00:f7:10:01'/>
+      <model type='virtio'/>
+      {driver}
+      {target}
+    </interface>
+    <serial type='file'><source path='{workdir}/console.log'/><target port='0'/></serial>
+  </devices>
+  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
+  {commandline}
+</domain>"""
+
+
+def by_check(findings: list[Finding]) -> dict[str, set[Severity]]:
+    out: dict[str, set[Severity]] = {}
+    for f in findings:
+        out.setdefault(f.check, set()).add(f.severity)
+    return out
+
+
+def errors_of(findings: list[Finding]) -> set[str]:
+    return {f.check for f in findings if f.severity is Severity.ERROR}
+
+
+# ---------------------------------------------------------------- pure: XML parsing
+
+
+def test_qmp_socket_forms() -> None:
+    xml = domain_xml("d1", Path("/x"))
+    assert qmp_socket_from_xml(xml) == SOCKET_DIR / "ftd-d1.qmp"
+    chardev = """<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+      <qemu:commandline>
+        <qemu:arg value='-chardev'/>
+        <qemu:arg value='socket,id=ftdmon,path=/var/lib/libvirt/qemu/a,,b.qmp,server=on,wait=off'/>
+        <qemu:arg value='-mon'/><qemu:arg value='chardev=ftdmon,mode=control'/>
+        <qemu:arg value='-qmp'/><qemu:arg value='unix:/var/lib/libvirt/qemu/legacy,server,nowait'/>
+        <qemu:arg value='-qmp'/><qemu:arg value='unix:/var/lib/libvirt/qemu/waits,server=on'/>
+        <qemu:arg value='-qmp'/><qemu:arg value='tcp:127.0.0.1:4444,server=on,wait=off'/>
+      </qemu:commandline></domain>"""
+    specs = qmp_sockets(chardev)
+    assert [(s.path, s.usable) for s in specs] == [
+        (Path("/var/lib/libvirt/qemu/a,b.qmp"), True),
+        (Path("/var/lib/libvirt/qemu/legacy"), True),
+        (Path("/var/lib/libvirt/qemu/waits"), False),
+    ]
+
+
+def test_qmp_socket_missing_or_unusable_is_a_clear_error() -> None:
+    with pytest.raises(LibvirtError, match="no extra QMP socket"):
+        qmp_socket_from_xml(domain_xml("d1", Path("/x"), qmp=False))
+    client = domain_xml("d1", Path("/x")).replace(",server=on,wait=off", "")
+    with pytest.raises(LibvirtError, match="not server=on,wait=off"):
+        qmp_socket_from_xml(client)
+    with pytest.raises(LibvirtError, match="not well-formed"):
+        qmp_sockets("<domain>")
+    with pytest.raises(LibvirtError, match="expected <domain>"):
+        qmp_sockets("<network/>")
+    assert issubclass(LibvirtError, QemuError)
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x24F), min_size=1))
+def test_qmp_socket_path_with_escaped_commas_round_trips(name: str) -> None:
+    path = f"/var/lib/libvirt/qemu/{name}"
+    value = "unix:" + path.replace(",", ",,") + ",server=on,wait=off"
+    xml = (
+        "<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><qemu:commandline>"
+        "<qemu:arg value='-qmp'/><qemu:arg value=''/></qemu:commandline></domain>"
+    )
+    xml = xml.replace("value=''", f"value={quoteattr(value)}")
+    assert qmp_sockets(xml) == [QmpSocketSpec(Path(path), True, False, value)]
+
+
+def test_guest_name_from_cmdline() -> None:
+    argv = ["/ld.so", "--library-path", "x", "qemu", "-name", "guest=vm,,1,debug-threads=on"]
+    assert guest_name_from_cmdline(argv) == "vm,1"
+    assert guest_name_from_cmdline(["qemu", "-name", "plain"]) == "plain"
+    assert guest_name_from_cmdline(["qemu", "-m", "128"]) is None
+
+
+def test_pidfile_dir_by_uri() -> None:
+    assert pidfile_dir("qemu:///system") == Path("/run/libvirt/qemu")
+    assert pidfile_dir("qemu:///session").name == "run"
+    with pytest.raises(LibvirtError, match="local libvirtd"):
+        pidfile_dir("qemu+ssh://host/system")
+    with pytest.raises(LibvirtError, match="not a QEMU"):
+        pidfile_dir("lxc:///system")
+
+
+def test_lifecycle_event_names() -> None:
+    assert lifecycle_event(
+        libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_BOOTED
+    ) == (LifecycleKind.STARTED, "booted")
+    assert lifecycle_event(
+        libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED
+    ) == (LifecycleKind.STOPPED, "failed")
+    assert lifecycle_event(
+        libvirt.VIR_DOMAIN_EVENT_CRASHED, libvirt.VIR_DOMAIN_EVENT_CRASHED_PANICKED
+    ) == (LifecycleKind.CRASHED, "panicked")
+    assert lifecycle_event(libvirt.VIR_DOMAIN_EVENT_SUSPENDED, 999) == (
+        LifecycleKind.SUSPENDED,
+        "detail-999",
+    )
+    assert lifecycle_event(999, 0) is None
+
+
+# ---------------------------------------------------------------- pure: check_domain_xml
+
+
+def test_good_xml_is_all_ok() -> None:
+    findings = check_domain_xml(domain_xml("good", Path("/x")), emulator_version=V11)
+    assert {f.severity for f in findings} == {Severity.OK}, render_table(findings)
+    assert set(by_check(findings)) >= {
+        "domain-type", "qemu-commandline", "qmp-socket", "acpi", "emulator", "disk", "nic",
+        "vhost", "memory",
+    }  # fmt: skip
+    assert verdict(findings)[0]
+
+
+def test_missing_acpi_qmp_and_vhost_are_errors_with_fixes() -> None:
+    xml = domain_xml("bad", Path("/x"), acpi=False, qmp=False, nic_driver="vhost")
+    findings = check_domain_xml(xml, emulator_version=V11)
+    assert errors_of(findings) == {"acpi", "qemu-commandline", "qmp-socket", "vhost"}
+    fixes = {f.check: f.fix for f in findings if f.severity is Severity.ERROR}
+    assert "<acpi/>" in fixes["acpi"]
+    assert "-qmp" in fixes["qmp-socket"] and "ftd-bad.qmp,server=on,wait=off" in fixes["qmp-socket"]
+    assert "xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'" in fixes["qemu-commandline"]
+    assert fixes["vhost"] == "<driver name='qemu'/>"
+    ok, reason = verdict(findings)
+    assert not ok and "acpi" in reason and "vhost" in reason
+    # errors come first, so a person reads them before the ok lines
+    assert findings[0].severity is Severity.ERROR
+
+
+def test_virtio_without_driver_element_means_vhost() -> None:
+    findings = check_domain_xml(domain_xml("v", Path("/x"), nic_driver=None), emulator_version=V11)
+    assert errors_of(findings) == {"vhost"}
+    e1000 = domain_xml("v", Path("/x"), nic_driver=None).replace(
+        "<model type='virtio'/>", "<model type='e1000'/>"
+    )
+    assert "vhost" not in errors_of(check_domain_xml(e1000, emulator_version=V11))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "check", "severity"),
+    [
+        ("<mac address='52:54:00:f7:10:01'/>", "", "mac", Severity.ERROR),
+        ("interface type='ethernet'", "interface type='user'", "nic", Severity.ERROR),
+        ("interface type='ethernet'", "interface type='network'", "nic", Severity.WARNING),
+        ("type='raw'", "type='qcow2'", "disk", Severity.ERROR),
+        ("<disk type='file'", "<disk type='block'", "disk", Severity.WARNING),
+        ("<devices>", "<devices><hostdev mode='subsystem' type='pci'/>", "hostdev", Severity.ERROR),
+        ("server=on,wait=off", "server=on", "qmp-socket", Severity.ERROR),
+        ("unix:/var/lib/libvirt/qemu/", "unix:/tmp/", "qmp-socket", Severity.ERROR),
+        ("domain type='qemu'", "domain type='xen'", "domain-type", Severity.ERROR),
+        ("<vcpu>1</vcpu>", "", "memory", Severity.ERROR),
+        (f"<emulator>{EMULATOR}</emulator>", "", "emulator", Severity.WARNING),
+    ],
+)
+def test_each_rule(old: str, new: str, check: str, severity: Severity) -> None:
+    good = domain_xml("r", Path("/x"))
+    assert old in good
+    bad = good.replace(old, new)
+    findings = check_domain_xml(bad, emulator_version=V11)
+    assert severity in by_check(findings)[check], render_table(findings)
+    others = [f for f in findings if f.check != check and f.severity is not Severity.OK]
+    assert not others, render_table(findings)
+
+
+def test_emulator_version_rule_follows_accel() -> None:
+    tcg = domain_xml("e", Path("/x"))
+    old = QemuVersion(7, 2, 0)
+    assert errors_of(check_domain_xml(tcg, emulator_version=old)) == {"emulator"}
+    kvm = tcg.replace("domain type='qemu'", "domain type='kvm'")
+    assert not errors_of(check_domain_xml(kvm, emulator_version=old))
+    broken = QemuVersion(10, 0, 2)
+    assert errors_of(check_domain_xml(kvm, emulator_version=broken)) == {"emulator"}
+    unknown = check_domain_xml(tcg)
+    assert by_check(unknown)["emulator"] == {Severity.WARNING}
+
+
+def test_memory_units_and_socket_liveness() -> None:
+    xml = domain_xml("m", Path("/x")).replace("unit='MiB'>128<", "unit='GiB'>2<")
+    memory = next(f for f in check_domain_xml(xml, emulator_version=V11) if f.check == "memory")
+    assert "2048 MiB" in memory.what and "4096 MiB" in memory.what
+    dead = check_domain_xml(xml, emulator_version=V11, socket_live=False)
+    assert errors_of(dead) == {"qmp-socket"}
+    live = check_domain_xml(xml, emulator_version=V11, socket_live=True)
+    assert not errors_of(live)
+
+
+def test_renderers() -> None:
+    findings = check_domain_xml(domain_xml("t", Path("/x"), acpi=False), emulator_version=V11)
+    table = render_table(findings)
+    lines = table.splitlines()
+    assert lines[0].split() == ["SEVERITY", "CHECK", "WHAT"]
+    assert lines[1].startswith("error") and "acpi" in lines[1]
+    assert "fix: <features>" in lines[2]
+    assert lines[-1].startswith("NOT READY: 1 error(s) (acpi)")
+    doc = json.loads(render_json(findings))
+    assert doc["ok"] is False and doc["reason"].startswith("1 error(s)")
+    assert {"check": "acpi", "severity": "error"}.items() <= doc["findings"][0].items()
+    assert len(doc["findings"]) == len(findings)
+
+
+# ---------------------------------------------------------------- real: libvirtd fixture
+
+
+def _virsh(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["virsh", "-c", URI, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _alive() -> bool:
+    try:
+        return _virsh("uri", timeout=15).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _pid_from(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if Path(f"/proc/{pid}").exists() else None
+
+
+def _stop(pid: int) -> bool:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        # A zombie (not yet reaped by init) counts as gone: it holds no sockets or files.
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return True
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return True
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return False
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[str]:
+    """A running libvirtd for ``qemu:///system``: the host's if up, else one started here
+    (systemctl, else ``virtlogd -d`` + ``libvirtd -d``) and stopped at teardown.
+
+    Fails the test, with what was tried, when none can be had.
+    """
+    if _alive():
+        yield URI
+        return
+    tried: list[str] = []
+    started: list[int] = []
+    via_systemd = False
+    try:
+        sysd = subprocess.run(
+            ["systemctl", "start", "libvirtd"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        tried.append(f"systemctl start libvirtd: rc={sysd.returncode} {sysd.stderr.strip()}")
+        via_systemd = sysd.returncode == 0
+    except (OSError, subprocess.TimeoutExpired) as err:
+        tried.append(f"systemctl start libvirtd: {err}")
+    if not via_systemd:
+        # libvirtd's QEMU driver sends QEMU's stdout/stderr to virtlogd (stdio_handler=logd).
+        for daemon, pidfile in (
+            ("virtlogd", "/run/virtlogd.pid"),
+            ("libvirtd", "/run/libvirtd.pid"),
+        ):
+            if _pid_from(Path(pidfile)) is not None:
+                continue
+            run = subprocess.run(
+                [daemon, "-d"], check=False, capture_output=True, text=True, timeout=60
+            )
+            tried.append(f"{daemon} -d: rc={run.returncode} {run.stderr.strip()}")
+            deadline = time.monotonic() + 10
+            while (pid := _pid_from(Path(pidfile))) is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if pid is not None:
+                started.append(pid)
+    deadline = time.monotonic() + 30
+    while not _alive() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    if not _alive():
+        for pid in reversed(started):
+            _stop(pid)
+        pytest.fail("cannot get a libvirtd for qemu:///system; tried: " + "; ".join(tried))
+    yield URI
+    if via_systemd:
+        subprocess.run(
+            ["systemctl", "stop", "libvirtd"], check=False, capture_output=True, timeout=60
+        )
+    leftovers = [pid for pid in reversed(started) if not _stop(pid)]
+    assert not leftovers, f"libvirt daemons {leftovers} needed SIGKILL"
+
+
+@pytest.fixture
+def cleanup(libvirtd: str) -> Iterator[list[str]]:
+    """Names of domains a test creates: destroyed and undefined at teardown, whatever happens."""
+    names: list[str] = []
+    yield names
+    problems = []
+    for name in names:
+        if _virsh("domstate", name).returncode != 0:
+            continue
+        _virsh("destroy", name)
+        _virsh("undefine", name)
+        if _virsh("domstate", name).returncode == 0:
+            problems.append(f"domain {name} still exists")
+        sock = SOCKET_DIR / f"ftd-{name}.qmp"
+        if sock.exists():
+            sock.unlink()
+            problems.append(f"{sock} was left behind")
+    assert not problems, problems
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "disk.raw").write_bytes(b"")
+    os.truncate(tmp_path / "disk.raw", 16 * 2**20)
+    return tmp_path
+
+
+def _unique(stem: str) -> str:
+    return f"ftdt-{stem}-{os.getpid()}"
+
+
+def _console(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+async def _wait_console(path: Path, text: str, timeout_s: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if text in await asyncio.to_thread(_console, path):
+            return time.monotonic() - start
+        await asyncio.sleep(0.5)
+    tail = (await asyncio.to_thread(_console, path))[-400:]
+    raise AssertionError(f"guest did not print {text!r} in {timeout_s:g} s; console: {tail!r}")
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+
+
+def _link_exists(dev: str) -> bool:
+    return (
+        subprocess.run(["ip", "link", "show", dev], check=False, capture_output=True).returncode
+        == 0
+    )
+
+
+# ---------------------------------------------------------------- real: the scenarios
+
+
+@pytest.mark.real
+@pytest.mark.asyncio(loop_scope="session")
+async def test_transient_domain_lifecycle_events_and_qmp(
+    libvirtd: str, cleanup: list[str], workdir: Path
+) -> None:
+    name = _unique("life")
+    tap = f"ftdlv{os.getpid() % 100000}"
+    cleanup.append(name)
+    xml = domain_xml(name, workdir, tap=tap)
+    async with LibvirtEvents(libvirtd, domains={name}) as events:
+        t0 = time.monotonic()
+        dom = await LibvirtDomain.create_transient(libvirtd, xml)
+        created_s = time.monotonic() - t0
+        async with dom:
+            started = await events.wait_for(LifecycleKind.STARTED, domain=name, timeout_s=30)
+            assert started.detail == "booted"
+            assert await dom.state() is DomainState.RUNNING
+            assert not await dom.is_persistent()
+
+            socket = await dom.qmp_socket()
+            assert socket == SOCKET_DIR / f"ftd-{name}.qmp"
+            qmp = QmpSession(name, socket)
+            t1 = time.monotonic()
+            await qmp.connect(retry_until=10)
+            qmp_s = time.monotonic() - t1
+            try:
+                status = await qmp.execute("query-status")
+                assert status["status"] == "running"
+                version = (await qmp.execute("query-version"))["qemu"]
+                assert (version["major"], version["minor"]) == (11, 1)
+
+                pid = await dom.pid()
+                argv = await asyncio.to_thread(_cmdline, pid)
+                assert f"guest={name},".encode() in argv
+                assert socket.as_posix().encode() in argv
+                assert str(await dom.qemu_version()).startswith("11.1.")
+                assert (await dom.monitor_command("query-status"))["status"] == "running"
+                with pytest.raises(QemuError, match="CommandNotFound"):
+                    await dom.monitor_command("no-such-command")
+
+                boot_s = await _wait_console(
+                    workdir / "console.log", "ftd-guest up", BOOT_TIMEOUT_S
+                )
+                findings = await asyncio.to_thread(check_domain, libvirtd, name)
+                assert not errors_of(findings), render_table(findings)
+                assert by_check(findings)["emulator"] == {Severity.OK}
+                assert "(present)" in next(f.what for f in findings if f.check == "qmp-socket")
+
+                await dom.suspend()
+                ev = await events.wait_for(LifecycleKind.SUSPENDED, domain=name, timeout_s=10)
+                assert ev.detail == "paused"
+                assert await dom.state() is DomainState.PAUSED
+                assert (await qmp.execute("query-status"))["status"] == "paused"
+                await dom.resume()
+                await events.wait_for(LifecycleKind.RESUMED, domain=name, timeout_s=10)
+                assert await dom.state() is DomainState.RUNNING
+
+                # ftd pausing QEMU behind libvirt's back (as a COLO checkpoint does) is seen
+                # by libvirt through its own monitor: state and events follow.
+                await qmp.execute("stop")
+                ev = await events.wait_for(LifecycleKind.SUSPENDED, domain=name, timeout_s=10)
+                assert await dom.state() is DomainState.PAUSED
+                await qmp.execute("cont")
+                await events.wait_for(LifecycleKind.RESUMED, domain=name, timeout_s=10)
+                assert await dom.state() is DomainState.RUNNING
+
+                await dom.destroy()
+                stopped = await events.wait_for(LifecycleKind.STOPPED, domain=name, timeout_s=30)
+                assert stopped.detail == "destroyed"
+                await asyncio.wait_for(qmp.closed.wait(), 10)
+            finally:
+                await qmp.close()
+            with pytest.raises(LibvirtError, match="no such domain"):
+                await dom.state()
+    assert not await asyncio.to_thread(socket.exists)
+    assert not await asyncio.to_thread(_link_exists, tap)
+    print(
+        f"\nlibvirt transient domain: createXML {created_s:.2f} s, STARTED event after"
+        f" {started.at - t0:.2f} s, QMP connect {qmp_s * 1000:.0f} ms,"
+        f" guest up {boot_s:.1f} s after the checks began"
+    )
+
+
+@pytest.mark.real
+@pytest.mark.asyncio(loop_scope="session")
+async def test_defined_domain_start_stop(libvirtd: str, cleanup: list[str], workdir: Path) -> None:
+    name = _unique("def")
+    cleanup.append(name)
+    async with LibvirtEvents(libvirtd, domains={name}) as events:
+        dom = await LibvirtDomain.define(libvirtd, domain_xml(name, workdir))
+        async with dom:
+            await events.wait_for(LifecycleKind.DEFINED, domain=name, timeout_s=10)
+            assert await dom.state() is DomainState.SHUTOFF
+            assert await dom.is_persistent()
+            with pytest.raises(LibvirtError, match="no QEMU pid: it is shut off"):
+                await dom.pid()
+            # stopped: the emulator's own --version is what check_domain can ask
+            findings = await asyncio.to_thread(check_domain, libvirtd, name)
+            assert {f.severity for f in findings} == {Severity.OK}, render_table(findings)
+
+            t0 = time.monotonic()
+            await dom.start()
+            start_s = time.monotonic() - t0
+            await events.wait_for(LifecycleKind.STARTED, domain=name, timeout_s=30)
+            assert await dom.state() is DomainState.RUNNING
+            assert (await dom.pid()) > 0
+            await dom.destroy()
+            await events.wait_for(LifecycleKind.STOPPED, domain=name, timeout_s=30)
+            assert await dom.state() is DomainState.SHUTOFF
+            await dom.undefine()
+            await events.wait_for(LifecycleKind.UNDEFINED, domain=name, timeout_s=10)
+            with pytest.raises(LibvirtError, match="no such domain"):
+                await dom.state()
+    print(f"\nlibvirt defined domain: start {start_s:.2f} s")
+
+
+@pytest.mark.real
+@pytest.mark.asyncio(loop_scope="session")
+async def test_check_domain_finds_bad_domain_and_libvirt_refuses_no_acpi(
+    libvirtd: str, cleanup: list[str], workdir: Path
+) -> None:
+    name = _unique("bad")
+    cleanup.append(name)
+    xml = domain_xml(name, workdir, acpi=False, qmp=False, nic_driver=None)
+    async with await LibvirtDomain.define(libvirtd, xml) as dom:
+        findings = await asyncio.to_thread(check_domain, libvirtd, name)
+        assert errors_of(findings) == {"acpi", "qemu-commandline", "qmp-socket", "vhost"}, (
+            render_table(findings)
+        )
+        with pytest.raises(LibvirtError, match="no extra QMP socket"):
+            await dom.qmp_socket()
+        with pytest.raises(LibvirtError, match="-no-acpi") as refused:
+            await dom.start()
+        print(f"\nlibvirt refused: {refused.value}")
+        assert await dom.state() is DomainState.SHUTOFF
+        await dom.undefine()
+    with pytest.raises(LibvirtError, match="no such domain"):
+        await asyncio.to_thread(check_domain, libvirtd, name)
+
+
+def _our_clients() -> set[str]:
+    listing = subprocess.run(
+        ["virt-admin", "srv-clients-list", "libvirtd"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert listing.returncode == 0, listing.stderr
+    ours = set()
+    for line in listing.stdout.splitlines():
+        fields = line.split()
+        if fields and fields[0].isdigit():
+            info = subprocess.run(
+                ["virt-admin", "client-info", "libvirtd", fields[0]],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout
+            if f"unix_process_id: {os.getpid()}" in info:
+                ours.add(fields[0])
+    return ours
+
+
+@pytest.mark.real
+@pytest.mark.asyncio(loop_scope="session")
+async def test_connection_loss_is_an_error_not_a_hang(libvirtd: str) -> None:
+    before = await asyncio.to_thread(_our_clients)
+    async with LibvirtEvents(libvirtd) as events:
+        mine = await asyncio.to_thread(_our_clients) - before
+        assert len(mine) == 1, mine
+        client = mine.pop()
+        pending = asyncio.create_task(events.get(), name="libvirt-events-get")
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        kick = await asyncio.to_thread(
+            subprocess.run,
+            ["virt-admin", "client-disconnect", "libvirtd", client],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert kick.returncode == 0, kick.stderr
+        with pytest.raises(LibvirtDisconnectedError, match="connection to libvirtd lost"):
+            await asyncio.wait_for(pending, 10)
+        lost_s = time.monotonic() - t0
+        with pytest.raises(LibvirtDisconnectedError):
+            await events.get(timeout_s=1)
+    print(f"\nlibvirt connection loss reported {lost_s * 1000:.0f} ms after the disconnect")
+
+
+@pytest.mark.real
+@pytest.mark.asyncio(loop_scope="session")
+async def test_hung_libvirtd_is_an_error_after_keepalive(libvirtd: str) -> None:
+    pid = _pid_from(Path("/run/libvirtd.pid"))
+    assert pid is not None, "libvirtd runs but /run/libvirtd.pid names no live process"
+    async with LibvirtEvents(libvirtd, keepalive_interval_s=1, keepalive_count=2) as events:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(LibvirtDisconnectedError, match="keepalive"):
+                await events.get(timeout_s=20)
+            lost_s = time.monotonic() - t0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert await asyncio.to_thread(_alive)
+    print(f"\nfrozen libvirtd reported after {lost_s:.1f} s (keepalive 1 s x 2)")
