@@ -60,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
             help="wait up to S seconds for the VM to settle (protected or running)",
         )
 
+    lv = sub.add_parser("libvirt", help="libvirt-managed VMs")
+    lv_sub = lv.add_subparsers(dest="lv_cmd", required=True, metavar="ACTION")
+    chk = lv_sub.add_parser(
+        "check", help="what a libvirt domain needs for ftd, and what is missing"
+    )
+    chk.add_argument("domain")
+    chk.add_argument("--uri", default="qemu:///system", help="libvirt URI (default qemu:///system)")
+    chk.add_argument("--json", action="store_true", dest="json_sub")
+
     ev = sub.add_parser("events", help="recent events and decisions, with their reasons")
     ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     ev.add_argument("--limit", "-n", type=int, default=50)
@@ -73,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "config":
             return cmd_config_validate(args.file, as_json)
+        if args.cmd == "libvirt":
+            return cmd_libvirt_check(args.uri, args.domain, as_json)
         client = ControlClient(args.socket)
         if args.cmd == "status":
             return cmd_status(client, as_json)
@@ -110,6 +121,20 @@ def cmd_config_validate(path: Path, as_json: bool) -> int:
     else:
         print(f"{path}: OK")
     return 2 if issues else 0
+
+
+def cmd_libvirt_check(uri: str, domain: str, as_json: bool) -> int:
+    # Imported here: libvirt is only needed by this command, not by every ftctl call.
+    from ftd.libvirt.check import check_domain, render_json, render_table, verdict  # noqa: PLC0415
+
+    findings = check_domain(uri, domain)
+    ok, reason = verdict(findings)
+    if as_json:
+        print(render_json(findings))
+    else:
+        print(render_table(findings))
+        print(f"\n{domain}: {'usable by ftd' if ok else 'NOT usable by ftd'} ({reason})")
+    return 0 if ok else 2
 
 
 def cmd_status(client: ControlClient, as_json: bool) -> int:

@@ -208,7 +208,8 @@ class Daemon:
                     r.feed(QuorumChanged(held=q.has_quorum))
             for r in self.runners.values():
                 v = self.membership.verdict(r.peer, now)
-                if not v.alive and connected:
+                link_ok, _ = r.colo_alive(r.clock())
+                if not v.alive and connected and not link_ok:
                     fenced = r.stream_lost
                     why = f"{r.peer} lost: {v.reason}" + (
                         "; its COLO stream closed" if fenced else ""

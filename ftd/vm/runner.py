@@ -632,6 +632,21 @@ class VmRunner:
             "last_failover_s": self.last_failover_s,
         }
 
+    def colo_alive(self, now: float) -> tuple[bool, str]:
+        """Is the COLO link to the peer's QEMU demonstrably working (checkpoints flowing)?
+
+        A peer whose ftd is gone (restart, crash) while checkpoints still complete has a live
+        QEMU: that is no reason to fail over or drop it. Returns (alive, reason).
+        """
+        if self.view.state is not State.PROTECTED or self.stream_lost:
+            return False, "no COLO link" if not self.stream_lost else "COLO stream closed"
+        interval = (self.vm.checkpoint.interval_ms or 2000) / 1000
+        window = 2 * max(interval, self.vm.checkpoint.max_interval_ms / 1000 / 5) + 1.0
+        since = self.stats.last_at if self.stats.last_at is not None else self.view.since
+        if now - since <= window:
+            return True, f"checkpoints flowing (last {now - since:.1f}s ago)"
+        return False, f"no checkpoint for {now - since:.1f}s"
+
     def on_peer_vm_state(self, msg: VmState) -> None:
         """A retained VmState from the peer host for this VM."""
         try:

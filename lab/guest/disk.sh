@@ -54,11 +54,14 @@ while read -r cmd a b extra; do
     case "$cmd" in
         w)
             if is_sector "$a" && [ -z "$b" ]; then
-                if record "$a" | dd of="$dev" bs=512 seek="$a" count=1 conv=fsync,notrunc \
-                    2>/dev/null; then
+                if err=$(record "$a" | dd of="$dev" bs=512 seek="$a" count=1 \
+                    conv=fsync,notrunc 2>&1 >/dev/null); then
                     echo "ok $a"
                 else
-                    echo "err write $a failed"
+                    # Say why on the console too: the kernel's I/O error lines are there.
+                    echo "disk writer: write $a failed: $err" >/dev/console
+                    dmesg | tail -n 5 >/dev/console
+                    echo "err write $a failed: $(echo "$err" | tr '\n' ' ')"
                 fi
             else
                 echo "err bad request: w $a $b"
