@@ -5,10 +5,18 @@ PY := .venv/bin/python
 FTD_CACHE ?= /var/cache/ftd
 export FTD_CACHE
 
-.PHONY: setup test test-unit lint typecheck check clean-lab chaos
+.PHONY: setup demo test test-unit lint typecheck clean-lab bench-failover
 
 setup:
 	scripts/setup.sh
+
+# The main job on an embedded default: a 2-host lab + broker + witness, a protected VM with
+# its disk-writer client, a SIGKILL of the primary QEMU, the failover shown, reprotect.
+demo: setup
+	$(PY) -m lab.demo
+
+bench-failover: setup
+	$(PY) -m bench.failover
 
 lint: setup
 	.venv/bin/ruff check ftd ftctl lab bench tests vagrant

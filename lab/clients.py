@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ftd.aio import bounded
 from ftd.errors import LabError
 
 COUNTER_PORT = 7000
@@ -50,7 +51,7 @@ async def open_lines(
             where = f"socket to {sock.getpeername()}"
             sock.setblocking(False)
             return await asyncio.open_connection(sock=sock)
-        return await asyncio.wait_for(asyncio.open_connection(host, port), connect_timeout)
+        return await bounded(asyncio.open_connection(host, port), connect_timeout)
     except (OSError, TimeoutError) as err:
         raise LabError(f"cannot connect to {where}: {err!r}") from err
 
@@ -82,7 +83,7 @@ class _LineChannel:
             try:
                 self._writer.write(line.encode() + b"\n")
                 await self._writer.drain()
-                raw = await asyncio.wait_for(self._reader.readline(), self._timeout)
+                raw = await bounded(self._reader.readline(), self._timeout)
             except TimeoutError as err:
                 raise LabError(f"no answer to {line!r} within {self._timeout} s") from err
             except OSError as err:
@@ -96,6 +97,10 @@ class _LineChannel:
 
     async def close(self) -> None:
         await _close(self._writer)
+
+    def abort(self) -> None:
+        """Drop the connection at once, unsent data included (a dead peer never acks it)."""
+        self._writer.transport.abort()
 
 
 @dataclass(frozen=True)
@@ -261,6 +266,9 @@ class CounterClient:
     async def close(self) -> None:
         await self._chan.close()
 
+    def abort(self) -> None:
+        self._chan.abort()
+
 
 @dataclass(frozen=True)
 class DiskAck:
@@ -390,6 +398,9 @@ class DiskWriterClient:
     async def close(self) -> None:
         await self._chan.close()
 
+    def abort(self) -> None:
+        self._chan.abort()
+
 
 @dataclass(frozen=True)
 class GuestStats:
@@ -416,7 +427,7 @@ async def read_stats(
     Raises LabError when the line does not come within ``answer_timeout`` or is malformed.
     """
     try:
-        raw = await asyncio.wait_for(reader.readline(), answer_timeout)
+        raw = await bounded(reader.readline(), answer_timeout)
     except (OSError, TimeoutError) as err:
         raise LabError(f"no stats line within {answer_timeout} s: {err!r}") from err
     finally:

@@ -139,7 +139,7 @@ def test_builder_is_idempotent_and_rebuilds_on_changed_input(tmp_path: Path) -> 
     ).stdout.split()
     for member in ("init", "bin/busybox", "bin/nc", "dev/console", "svc/disk.sh"):
         assert member in listing
-    for module in ("e1000.ko", "ata_piix.ko", "libata.ko", "scsi_mod.ko", "sd_mod.ko"):
+    for module in ("e1000.ko", "virtio_pci.ko", "virtio_blk.ko"):
         assert f"lib/modules/{module}" in listing
     before = {p: (p.stat().st_ino, _digest(p)) for p in (first.kernel, first.initrd)}
 
@@ -241,7 +241,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootedGuest]:
         *("-nographic", "-no-reboot"),
         *("-kernel", str(image.kernel), "-initrd", str(image.initrd)),
         *("-append", guest_append("10.0.2.15/24", WORKLOADS)),
-        *("-drive", f"if=ide,format=raw,file={disk}"),
+        *("-drive", f"if=virtio,format=raw,file={disk}"),
         *("-netdev", f"user,id=n0,{fwd}", "-device", "e1000,netdev=n0"),
         *("-qmp", f"unix:{qmp},server=on,wait=off"),
     )

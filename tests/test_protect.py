@@ -9,7 +9,6 @@ until the VM is protected again (automatic reprotect), wherever its primary is n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -71,6 +70,7 @@ class Clients:
                 except OSError as err:
                     out.append(f"--- {h} {name}: {err}")
             out.append(f"--- {h} ftd:\n" + self.cluster.ftd[h].ctl("events", "-n", "15").stdout)
+            out.append(self.cluster.ftd[h].ctl("status").stdout)
         return "\n".join(out)
 
     async def close(self) -> None:
@@ -78,9 +78,8 @@ class Clients:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for c in (self.disk, self.counter):
-            # A connection to a dead VM must not hang the teardown.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(c.close(), 5)
+            # A connection to a dead VM must not hang the teardown: no graceful close.
+            c.abort()
 
 
 @pytest.fixture
@@ -97,8 +96,8 @@ async def clients(cluster: LabCluster) -> AsyncIterator[Clients]:
     await cl.close()
 
 
-async def until(pred: object, timeout: float, what: str, cl: Clients | None = None) -> None:
-    deadline = time.monotonic() + timeout
+async def until(pred: object, limit: float, what: str, cl: Clients | None = None) -> None:
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if callable(pred) and pred():
             return
@@ -106,7 +105,7 @@ async def until(pred: object, timeout: float, what: str, cl: Clients | None = No
     extra = ""
     if cl is not None:
         extra = f": disk={cl.disk.error!r} counter={cl.counter.error!r}\n{cl.diagnostics()}"
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
+    raise AssertionError(f"timed out after {limit}s waiting for {what}{extra}")
 
 
 async def assert_nothing_lost(cl: Clients, acked_before: int, killed_at: float) -> float:
@@ -232,7 +231,7 @@ async def test_host_death_fails_over(cluster: LabCluster, clients: Clients) -> N
     assert cluster.primary_host(VM) == s
 
 
-async def test_malformed_bus_messages_are_dropped(cluster: LabCluster) -> None:
+def test_malformed_bus_messages_are_dropped(cluster: LabCluster) -> None:
     p, s = protected(cluster)
     before = {h: cluster.ftd[h].status()["bus"]["dropped"] for h in (p, s)}
     prefix = f"ftd/lab{cluster.lab.id}"
@@ -259,7 +258,8 @@ async def test_malformed_bus_messages_are_dropped(cluster: LabCluster) -> None:
     # Nothing changed: still protected, same roles, daemons alive.
     assert protected(cluster, 10) == (p, s)
     for h in (p, s):
-        assert cluster.ftd[h].proc is not None and cluster.ftd[h].proc.poll() is None
+        proc = cluster.ftd[h].proc
+        assert proc is not None and proc.poll() is None
 
 
 async def test_manual_failover_moves_the_vm(cluster: LabCluster, clients: Clients) -> None:

@@ -57,7 +57,7 @@ def test_primary_disk_is_quorum_over_raw_image() -> None:
     assert argv[0] == "/usr/bin/qemu-system-x86_64"
     (drive,) = options(argv, "-drive")
     d = kv(drive)
-    assert d["id"] == "colo-disk0" and d["driver"] == "quorum" and d["if"] == "ide"
+    assert d["id"] == "colo-disk0" and d["driver"] == "quorum" and d["if"] == "virtio"
     assert d["vote-threshold"] == "1" and d["read-pattern"] == "fifo"
     assert d["children.0.driver"] == "raw"
     assert d["children.0.file.filename"] == "/var/lib/ftd/web1.raw"
@@ -84,7 +84,10 @@ def test_common_options() -> None:
         for flag in ("-nodefaults", "-no-reboot"):
             assert flag in argv
         assert options(argv, "-display") == ["none"]
-        assert options(argv, "-qmp") == ["unix:/run/ftd/web1/qmp.sock,server=on,wait=off"]
+        assert options(argv, "-qmp") == [
+            "unix:/run/ftd/web1/qmp.sock,server=on,wait=off",
+            "unix:/run/ftd/web1/observe.sock,server=on,wait=off",
+        ]
         assert options(argv, "-serial") == ["file:/run/ftd/web1/serial.log"]
         assert options(argv, "-pidfile") == ["/run/ftd/web1/qemu.pid"]
         assert options(argv, "-D") == ["/run/ftd/web1/trace.log"]

@@ -26,6 +26,7 @@ import aiomqtt
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from ftd.aio import bounded
 from ftd.bus.base import DEFAULT_TIMEOUT, Bus, Link
 from ftd.errors import BusError
 
@@ -207,7 +208,7 @@ class MqttBus(Bus):
                 return
             delay = backoff_delay(failures, base_s=self._backoff_base_s, cap_s=self._backoff_cap_s)
             try:
-                await asyncio.wait_for(self._stop.wait(), timeout=delay)
+                await bounded(self._stop.wait(), delay)
             except TimeoutError:
                 continue
 

@@ -31,6 +31,7 @@ class PeerState:
     vms: dict[str, str] = field(default_factory=dict)
     qemu_version: str = ""
     went_offline_at: float | None = None
+    direct_heard: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,23 @@ class Membership:
             if not p.online and p.went_offline_at is None:
                 p.online = True
 
+    def on_direct(self, host: str, epoch: int, now: float) -> None:
+        """A direct (UDP) heartbeat from ``host``: alive on the second channel."""
+        p = self.peers.get(host)
+        if p is not None and epoch >= p.epoch:
+            p.direct_heard = now
+
     def verdict(self, name: str, now: float) -> PeerVerdict:
         p = self.peers[name]
         ago = None if p.last_heard is None else now - p.last_heard
+        # A direct beat proves life only if it came after the peer's last offline record
+        # (its will or clean stop): otherwise a dead host would count as alive until timeout.
+        direct_fresh = p.direct_heard is not None and (
+            p.went_offline_at is None or p.direct_heard > p.went_offline_at
+        )
+        if direct_fresh and p.direct_heard is not None and now - p.direct_heard <= self.timeout:
+            direct = now - p.direct_heard
+            return PeerVerdict(name, True, f"heard directly {direct:.2f}s ago", p.epoch, direct)
         if not p.online:
             why = "never seen" if p.last_heard is None else "offline record (stopped or will)"
             return PeerVerdict(name, False, why, p.epoch, ago)
@@ -109,14 +124,16 @@ class Membership:
     def quorum(
         self, now: float, bus_connected: bool, allow_two_node: bool = False
     ) -> QuorumVerdict:
-        """Majority of configured voters reachable, counting this host; needs the bus."""
+        """Majority of configured voters reachable, counting this host, over the bus or the
+        direct heartbeats (so losing the broker alone does not lose quorum)."""
         voters = [m for m in self.members.values() if m.voter]
         n = len(voters)
-        if not bus_connected:
-            mine = 1 if self.me in self.members and self.members[self.me].voter else 0
-            return QuorumVerdict(False, mine, n, "bus disconnected: no view of the other voters")
         seen = [m.name for m in voters if m.name == self.me or self.verdict(m.name, now).alive]
         votes = len(seen)
+        if not bus_connected and votes * 2 <= n:
+            return QuorumVerdict(
+                False, votes, n, f"bus disconnected and only {votes}/{n} voters heard directly"
+            )
         if votes * 2 > n:
             return QuorumVerdict(True, votes, n, f"{votes}/{n} voters seen ({', '.join(seen)})")
         if allow_two_node and n == 2 and votes == 1:

@@ -266,6 +266,15 @@ class Cluster:
     heartbeat_interval_ms: int = field(
         default=200, metadata=doc("how often each ftd publishes its heartbeat", lo=20, hi=60000)
     )
+    heartbeat_port: int = field(
+        default=7887,
+        metadata=doc(
+            "UDP port of the direct host-to-host heartbeats, the second channel that keeps "
+            "quorum when the broker is down (0 disables it)",
+            lo=0,
+            hi=65535,
+        ),
+    )
     peer_timeout_ms: int = field(
         default=1000,
         metadata=doc(

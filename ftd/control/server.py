@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from ftd.aio import bounded
 from ftd.control import protocol
 from ftd.control.protocol import OpSpec
 from ftd.errors import FtError, RequestError
@@ -95,7 +96,7 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+                await bounded(self._server.wait_closed(), 2)
             self._server = None
         self.path.unlink(missing_ok=True)
 
@@ -151,7 +152,7 @@ class ControlServer:
 
 async def _is_live(path: Path) -> bool:
     try:
-        _r, w = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 1)
+        _r, w = await bounded(asyncio.open_unix_connection(str(path)), 1)
     except (OSError, TimeoutError):
         return False
     w.close()

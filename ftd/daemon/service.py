@@ -17,6 +17,15 @@ from typing import Any
 
 from ftd import __version__
 from ftd.bus import Heartbeat, HostRecord, MqttBus, VmState, topic_hb, topic_host
+from ftd.cluster.direct import DirectBeat, DirectHeartbeats
+from ftd.cluster.fencing import (
+    FenceAgent,
+    FenceResult,
+    LeaseTiming,
+    SelfFenceClock,
+    fencing_plan,
+    make_agent,
+)
 from ftd.cluster.membership import Member, Membership
 from ftd.config import Config, load_config
 from ftd.control.events import EventLog
@@ -69,6 +78,12 @@ class Daemon:
         )
         self.bus: MqttBus | None = None
         self.runners: dict[str, VmRunner] = {}
+        self.lease = LeaseTiming.from_cluster(cfg.cluster)
+        self.self_fence = SelfFenceClock(self.lease.lease_s, started_at=time.monotonic())
+        self.own_hb_at: float | None = None
+        self.self_fenced = False
+        self.fence_state: dict[str, dict[str, Any]] = {}
+        self._fence_tasks: dict[str, asyncio.Task[None]] = {}
         self._quorum_held: bool | None = None
         self._last_auto_reprotect: dict[str, float] = {}
 
@@ -80,6 +95,17 @@ class Daemon:
             await self._check_qemu()
         self._register_ops()
         await self.control.start()
+        self.direct: DirectHeartbeats | None = None
+        if self.cfg.cluster.heartbeat_port:
+            self.direct = DirectHeartbeats(
+                self.cfg.host,
+                epoch=self.boot_epoch,
+                cluster=self.cfg.cluster.name,
+                addresses={h.name: h.address for h in self.cfg.cluster.hosts},
+                port=self.cfg.cluster.heartbeat_port,
+                on_beat=self._on_direct_beat,
+            )
+            await self.direct.start()
         self.bus = self._make_bus()
         self.bus.set_will(self._host_record(online=False))
         await self.bus.connect()
@@ -112,6 +138,8 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.control.close()
+            if self.direct is not None:
+                self.direct.close()
             if self.bus is not None:
                 await self.bus.close(clean=True)
             self.log.info("ftd stopped", reason=self.supervisor.stop_reason)
@@ -160,13 +188,24 @@ class Daemon:
     async def _heartbeat(self) -> None:
         assert self.bus is not None
         interval = self.cfg.cluster.heartbeat_interval_ms
-        await self.bus.wait_connected(timeout_s=None)
-        await self.bus.publish(topic_host(self.cfg.host), self._host_record(online=True))
+        # Retained: kept by the bus while disconnected and sent on every (re)connection.
+        await self.bus.publish(
+            topic_host(self.cfg.host), self._host_record(online=True), timeout_s=0.5
+        )
         while True:
-            await self.bus.publish(
-                topic_hb(self.cfg.host), Heartbeat(host=self.cfg.host, interval_ms=interval)
-            )
+            # The direct channel beats even while the broker is unreachable.
+            if self.direct is not None:
+                self.direct.beat()
+            if self.bus.connected:
+                await self.bus.publish(
+                    topic_hb(self.cfg.host),
+                    Heartbeat(host=self.cfg.host, interval_ms=interval),
+                    timeout_s=interval / 1000,
+                )
             await asyncio.sleep(interval / 1000)
+
+    def _on_direct_beat(self, beat: DirectBeat) -> None:
+        self.membership.on_direct(beat.host, beat.epoch, time.monotonic())
 
     async def _bus_in(self) -> None:
         assert self.bus is not None
@@ -178,6 +217,9 @@ class Daemon:
                 if change:
                     self.events.record("membership", change, peer=msg.host, epoch=msg.epoch)
             elif isinstance(msg, Heartbeat):
+                if msg.host == self.cfg.host and msg.epoch == self.boot_epoch:
+                    # Our own heartbeat came back: peers can hear us (self-fencing lease).
+                    self.own_hb_at = now
                 self.membership.on_heartbeat(msg, now)
             elif isinstance(msg, VmState):
                 runner = self.runners.get(msg.vm)
@@ -206,18 +248,87 @@ class Daemon:
                 )
                 for r in self.runners.values():
                     r.feed(QuorumChanged(held=q.has_quorum))
+            self._self_fence_check(now, q.has_quorum)
+            lost: dict[str, list[VmRunner]] = {}
             for r in self.runners.values():
                 v = self.membership.verdict(r.peer, now)
                 link_ok, _ = r.colo_alive(r.clock())
                 if not v.alive and connected and not link_ok:
-                    fenced = r.stream_lost
-                    why = f"{r.peer} lost: {v.reason}" + (
-                        "; its COLO stream closed" if fenced else ""
-                    )
-                    r.feed(PeerLost(why=why, fenced=fenced, quorum=q.has_quorum))
-                elif v.alive and q.has_quorum:
-                    self._maybe_auto_reprotect(r, now)
+                    lost.setdefault(r.peer, []).append(r)
+                elif v.alive:
+                    self._fence_reset(r.peer)
+                    if q.has_quorum:
+                        self._maybe_auto_reprotect(r, now)
+            for peer, runners in lost.items():
+                self._feed_peer_lost(peer, runners, q, now)
             await asyncio.sleep(interval)
+
+    def _feed_peer_lost(self, peer: str, runners: list[VmRunner], q: Any, now: float) -> None:
+        """Fence (or find proof of death) before a lost peer's primaries are taken over."""
+        verdict = self.membership.verdict(peer, now)
+        proofs = {r.vm.name: "its COLO stream closed" for r in runners if r.stream_lost}
+        host = next(h for h in self.cfg.cluster.hosts if h.name == peer)
+        plan = fencing_plan(verdict, q, [r.vm.name for r in runners], host.fence.agent, proofs)
+        fs = self.fence_state.setdefault(peer, {"ok": False, "reason": "", "running": False})
+        if plan.action == "fence" and not fs["ok"] and not fs["running"]:
+            fs["running"] = True
+            fs["reason"] = f"fencing {peer} with agent {host.fence.agent}: {plan.reason}"
+            self.events.record("fence", fs["reason"], "warning", peer=peer)
+            self._fence_tasks[peer] = asyncio.create_task(
+                self._fence(peer, self._agent_for(host), list(plan.vms)), name=f"fence-{peer}"
+            )
+        for r in runners:
+            fenced = plan.action == "proceed" or r.vm.name in proofs or bool(fs["ok"])
+            why = f"{peer} lost: {verdict.reason}; " + (
+                proofs.get(r.vm.name) or (fs["reason"] if plan.action == "fence" else plan.reason)
+            )
+            r.feed(PeerLost(why=why, fenced=fenced, quorum=q.has_quorum))
+
+    def _agent_for(self, host: Any) -> FenceAgent:
+        return make_agent(
+            host.fence,
+            timing=self.lease,
+            last_heard=lambda name: self.membership.peers[name].last_heard,
+        )
+
+    async def _fence(self, peer: str, agent: FenceAgent, vms: list[str]) -> None:
+        result: FenceResult = await agent.fence(peer, vms)
+        fs = self.fence_state[peer]
+        fs.update(ok=result.ok, running=False, reason=result.reason)
+        self.events.record(
+            "fence",
+            f"{peer} {'fenced' if result.ok else 'NOT fenced'} ({result.seconds:.2f}s): "
+            f"{result.reason}",
+            "warning" if result.ok else "error",
+            peer=peer,
+        )
+
+    def _fence_reset(self, peer: str) -> None:
+        task = self._fence_tasks.pop(peer, None)
+        if task is not None and not task.done():
+            task.cancel()
+        if self.fence_state.pop(peer, None) is not None:
+            self.events.record("fence", f"{peer} is back: fencing state cleared", peer=peer)
+
+    def _self_fence_check(self, now: float, has_quorum: bool) -> None:
+        """The isolated side of the lease: without contact with a quorum for longer than the
+        lease, kill the local primaries so the majority may take over (agent ``self``)."""
+        me = self.cfg.this_host
+        if me.fence.agent != "self":
+            return
+        d = self.self_fence.observe(now, has_quorum, self.own_hb_at)
+        if not d.fence_now:
+            self.self_fenced = False
+            return
+        for r in self.runners.values():
+            if r.self_fence(d.reason):
+                self.self_fenced = True
+                self.events.record(
+                    "fence",
+                    f"self-fencing: primary of {r.vm.name} killed: {d.reason}",
+                    "error",
+                    vm=r.vm.name,
+                )
 
     def _maybe_auto_reprotect(self, r: VmRunner, now: float) -> None:
         if r.vm.reprotect != "auto" or r.view.state is not State.RUNNING_UNPROTECTED:
@@ -343,5 +454,14 @@ class Daemon:
                 "reason": q.reason,
             },
             "tasks": self.supervisor.names(),
+            "fencing": {
+                "agent": cfg.this_host.fence.agent,
+                "self_fenced": self.self_fenced,
+                "lease_s": self.lease.lease_s,
+                "takeover_after_s": round(self.lease.takeover_after_s, 2),
+                "peers": {
+                    p: {"ok": s["ok"], "reason": s["reason"]} for p, s in self.fence_state.items()
+                },
+            },
             "vms": [r.status() for r in self.runners.values()],
         }

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import libvirt
 import libvirt_qemu  # type: ignore[import-untyped]
 
+from ftd.aio import bounded
 from ftd.errors import QmpError
 from ftd.libvirt import LibvirtDisconnectedError, LibvirtError
 from ftd.log import get_logger
@@ -308,7 +309,7 @@ class LibvirtDomain:
     ) -> _T:
         limit = self.timeout_s if timeout_s is None else timeout_s
         try:
-            return await asyncio.wait_for(asyncio.to_thread(fn, *args), limit)
+            return await bounded(asyncio.to_thread(fn, *args), limit)
         except TimeoutError as err:
             raise LibvirtError(
                 f"{self.uri} domain {self.name}: {action}: libvirtd did not answer in {limit:g} s"

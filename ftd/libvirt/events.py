@@ -26,6 +26,7 @@ from typing import Any
 import libvirt
 import libvirtaio
 
+from ftd.aio import bounded
 from ftd.libvirt import LibvirtDisconnectedError, LibvirtError
 from ftd.log import get_logger
 
@@ -223,7 +224,7 @@ class LibvirtEvents:
 
     async def _call(self, action: str, fn: Any, *args: Any) -> Any:
         try:
-            return await asyncio.wait_for(asyncio.to_thread(fn, *args), self.timeout_s)
+            return await bounded(asyncio.to_thread(fn, *args), self.timeout_s)
         except TimeoutError as err:
             raise LibvirtError(
                 f"{self.uri}: events: {action}: libvirtd did not answer in {self.timeout_s:g} s"
@@ -280,7 +281,7 @@ class LibvirtEvents:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
 
-        await asyncio.wait_for(asyncio.to_thread(teardown), self.timeout_s)
+        await bounded(asyncio.to_thread(teardown), self.timeout_s)
 
     def _put(self, item: DomainEvent | LibvirtError | _Stop) -> None:
         loop = self._loop
@@ -324,7 +325,7 @@ class LibvirtEvents:
         Raises TimeoutError after ``timeout_s`` seconds without one, LibvirtDisconnectedError
         once the connection is lost, LibvirtError after an overflow or :meth:`close`.
         """
-        item = await asyncio.wait_for(self._queue.get(), timeout_s)
+        item = await bounded(self._queue.get(), timeout_s)
         if isinstance(item, DomainEvent):
             return item
         # Keep the terminal item queued: every later get() ends the same way.

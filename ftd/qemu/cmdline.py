@@ -56,6 +56,10 @@ def _common(spec: QemuVmSpec, role: str) -> list[str]:
         str(spec.vcpus),
         "-qmp",
         f"unix:{spec.qmp_socket},server=on,wait=off",
+        # A second monitor for observers (monitoring, the lab's invariant checkers): ftd's
+        # own session holds the first one.
+        "-qmp",
+        f"unix:{spec.observer_socket},server=on,wait=off",
         "-serial",
         f"file:{spec.serial_log}",
         "-pidfile",
@@ -153,7 +157,7 @@ def primary_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
     args = _common(spec, "primary")
     args += [
         "-drive",
-        f"if=ide,id={DISK_ID},driver=quorum,read-pattern=fifo,vote-threshold=1,"
+        f"if=virtio,id={DISK_ID},driver=quorum,read-pattern=fifo,vote-threshold=1,"
         f"children.0.driver=raw,children.0.file.filename={spec.disk_path}",
     ]
     for ids in spec.nic_ids():
@@ -176,7 +180,7 @@ def secondary_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
         f"file.backing.driver=qcow2,file.backing.file.filename={spec.hidden_overlay},"
         f"file.backing.backing={PARENT_ID}",
         "-drive",
-        f"if=ide,id={DISK_ID},driver=quorum,read-pattern=fifo,vote-threshold=1,"
+        f"if=virtio,id={DISK_ID},driver=quorum,read-pattern=fifo,vote-threshold=1,"
         f"children.0={SECONDARY_CHILD_ID}",
     ]
     for ids in spec.nic_ids():

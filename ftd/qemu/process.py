@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftd.aio import bounded
 from ftd.errors import QemuError
 from ftd.log import get_logger
 from ftd.qemu.cmdline import primary_argv, secondary_argv
@@ -259,7 +260,7 @@ class QemuProcess:
         try:
             if self.alive():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(exited.wait(), timeout_s)
+                    await bounded(exited.wait(), timeout_s)
         finally:
             loop.remove_reader(pidfd)
             os.close(pidfd)

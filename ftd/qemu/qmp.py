@@ -23,6 +23,7 @@ from typing import Any
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 from qemu.qmp.protocol import Runstate
 
+from ftd.aio import bounded
 from ftd.errors import QmpError
 from ftd.log import get_logger
 
@@ -85,9 +86,7 @@ class QmpSession:
         deadline = loop.time() + retry_until
         while True:
             try:
-                await asyncio.wait_for(
-                    self._client.connect(str(self.socket)), timeout_s or self.timeout
-                )
+                await bounded(self._client.connect(str(self.socket)), timeout_s or self.timeout)
                 break
             except (OSError, EOFError, QMPError, TimeoutError) as err:
                 if loop.time() >= deadline:
@@ -139,7 +138,7 @@ class QmpSession:
         if not self.connected:
             raise QmpError(f"{self.name}: {command}: QMP is not connected")
         try:
-            return await asyncio.wait_for(self._client.execute(command, arguments, oob=oob), limit)
+            return await bounded(self._client.execute(command, arguments, oob=oob), limit)
         except TimeoutError as err:
             raise QmpTimeoutError(f"{self.name}: {command} got no answer in {limit:g} s") from err
         except ExecuteError as err:

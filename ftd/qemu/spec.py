@@ -234,6 +234,10 @@ class QemuVmSpec:
         return self.run_dir / "qmp.sock"
 
     @property
+    def observer_socket(self) -> Path:
+        return self.run_dir / "observe.sock"
+
+    @property
     def serial_log(self) -> Path:
         return self.run_dir / "serial.log"
 

@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ftd.aio import bounded
 from ftd.bus import Bus, VmState, topic_vm_state
 from ftd.config.schema import Config, Vm
 from ftd.control.events import EventLog
@@ -80,9 +81,11 @@ from ftd.vm.machine import (
 # The secondary QEMU prints this when the primary's COLO stream closes: the primary QEMU's
 # sockets were closed by its kernel (process gone) or by the primary dropping its secondary.
 STREAM_LOST_MARK = "Can't receive COLO message"
-# How many expected checkpoint periods may pass after entering COLO with no checkpoint
-# before protect counts as failed (the known COLO start wedge, shared/COLO.md).
-WEDGE_PERIODS = 5
+# How long COLO may go without a checkpoint before it counts as wedged or stalled (the known
+# start wedge, shared/COLO.md, or a secondary that stopped answering): this many expected
+# periods, and at least a few seconds beyond one period (a checkpoint itself takes time).
+WEDGE_PERIODS = 3
+WEDGE_SLACK_S = 4.0
 
 
 def spec_for(cfg: Config, vm: Vm, host: str) -> QemuVmSpec:
@@ -263,7 +266,7 @@ class VmRunner:
         """An operator request: the decision's reason, or RequestError with the refusal."""
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.queue.put_nowait(_Request(event, fut))
-        return await asyncio.wait_for(fut, timeout_s)
+        return await bounded(fut, timeout_s)
 
     async def _handle(self, event: Event, reply: asyncio.Future[str] | None) -> None:
         now = self.clock()
@@ -361,25 +364,36 @@ class VmRunner:
         self.stream_lost = False
         self.stats = CheckpointStats()
         self.proc = await QemuProcess.launch(self.spec, role, self.runtime)
-        await self._connect(self.proc)
+        await self._connect(self.proc, role)
         if role == "secondary":
             await colo.prepare_secondary(self._qmp(), self.spec)
         self.queue.put_nowait(LocalQemuStarted())
 
-    async def _connect(self, proc: QemuProcess, from_end: bool = False) -> None:
+    async def _connect(self, proc: QemuProcess, role: str, from_end: bool = False) -> None:
+        """QMP session and watchers for ``proc``, which now plays ``role``."""
         self.qmp = QmpSession(f"{self.vm.name}@{self.host}", self.spec.qmp_socket)
         await self.qmp.connect(retry_until=10.0)
         await self._stop_watchers()
-        follower = TraceFollower(
-            self.spec.trace_log, CheckpointParser(proc.role), from_end=from_end
-        )
         self._watchers = [
             asyncio.create_task(self._watch_exit(proc), name=f"vm-{self.vm.name}-exit"),
             asyncio.create_task(self._watch_qmp(self.qmp), name=f"vm-{self.vm.name}-qmp"),
-            asyncio.create_task(self._watch_trace(follower), name=f"vm-{self.vm.name}-trace"),
             asyncio.create_task(self._watch_colo_exit(self.qmp), name=f"vm-{self.vm.name}-colo"),
         ]
-        if proc.role == "secondary":
+        self._watch_role(role, from_end)
+
+    def _watch_role(self, role: str, from_end: bool) -> None:
+        """(Re)start the watchers that depend on the role this QEMU plays: QEMU writes other
+        trace lines as primary than as secondary, and only a secondary has a stream to lose.
+        A secondary that took over keeps its process but now plays the primary."""
+        for t in [t for t in self._watchers if t.get_name().endswith(("-trace", "-stream"))]:
+            t.cancel()
+            self._watchers.remove(t)
+        self.stream_lost = False
+        follower = TraceFollower(self.spec.trace_log, CheckpointParser(role), from_end=from_end)
+        self._watchers.append(
+            asyncio.create_task(self._watch_trace(follower), name=f"vm-{self.vm.name}-trace")
+        )
+        if role == "secondary":
             self._watchers.append(
                 asyncio.create_task(self._watch_stream(), name=f"vm-{self.vm.name}-stream")
             )
@@ -431,16 +445,32 @@ class VmRunner:
         self._colo_entered_at = self.clock()
         self.events.record("vm", f"COLO entered {took:.2f}s after migrate", vm=self.vm.name)
         self.queue.put_nowait(ColoEntered())
-        armed = self.clock()
-        await asyncio.sleep(WEDGE_PERIODS * max(delay, 1000) / 1000)
-        if self.view.state is State.PROTECTED and (
-            self.stats.last_at is None or self.stats.last_at < armed
-        ):
-            self.queue.put_nowait(ProtectTimedOut(armed_at=armed))
+        await self._checkpoint_watchdog(delay / 1000)
+
+    async def _checkpoint_watchdog(self, period_s: float) -> None:
+        """While protected, no checkpoint for the wedge window means COLO is stuck: report
+        it (the machine drops the secondary; automatic reprotect pairs again)."""
+        window = max(WEDGE_PERIODS * period_s, period_s + WEDGE_SLACK_S)
+        entered = self.clock()
+        await asyncio.sleep(1.0)
+        while self.view.state is State.PROTECTED and self.view.role is Role.PRIMARY:
+            now = self.clock()
+            last = max(self.stats.last_at or entered, entered)
+            if now - last > window:
+                self.events.record(
+                    "vm",
+                    f"no checkpoint for {now - last:.1f}s (window {window:.1f}s): COLO stalled",
+                    "warning",
+                    vm=self.vm.name,
+                )
+                self.queue.put_nowait(ProtectTimedOut(armed_at=now - window))
+                return
+            await asyncio.sleep(0.5)
 
     async def _failover_to_self(self) -> None:
         started = time.monotonic()
         await colo.failover_secondary(self._qmp(), self.spec)
+        self._watch_role("primary", from_end=True)
         self.failovers += 1
         self.last_failover_s = time.monotonic() - started
         self.queue.put_nowait(FailoverDone())
@@ -581,7 +611,8 @@ class VmRunner:
             self.log.info("no running QEMU to re-attach", reason=str(err))
         if proc is not None:
             self.proc = proc
-            await self._connect(proc, from_end=True)
+            plays = view.role.value if view.role is not Role.NONE else proc.role
+            await self._connect(proc, plays, from_end=True)
             self.view = dataclasses.replace(view, reason=f"re-attached to QEMU pid {proc.pid}")
             self.events.record(
                 "vm",
@@ -631,6 +662,16 @@ class VmRunner:
             "failovers": self.failovers,
             "last_failover_s": self.last_failover_s,
         }
+
+    def self_fence(self, reason: str) -> bool:
+        """Kill the local QEMU if it runs the VM as primary (the isolated host's side of the
+        self-fencing lease). Its exit reaches the machine as LocalQemuExited. Returns whether
+        a primary was killed."""
+        if self.view.role is not Role.PRIMARY or self.proc is None or not self.proc.alive():
+            return False
+        self.log.error("self-fencing", reason=reason)
+        self.proc.kill(signal.SIGKILL)
+        return True
 
     def colo_alive(self, now: float) -> tuple[bool, str]:
         """Is the COLO link to the peer's QEMU demonstrably working (checkpoints flowing)?

@@ -6,7 +6,7 @@
 #   check A B  check sectors A..B inclusive          -> "checked A B missing K first_missing M|-"
 # A record is "ftd-record N" padded with spaces to 511 bytes plus a newline: one 512-byte
 # sector.  Sector 0 stays free (partition tables, probes).  Bad requests get "err ...".
-dev=/dev/sda
+dev=/dev/vda
 
 record() {
     printf '%-511s\n' "ftd-record $1"

@@ -1,0 +1,126 @@
+"""Direct host-to-host heartbeats over UDP: the second membership channel.
+
+The broker is one path between hosts; if it were the only one, losing it would look like
+isolation to every host at once, and self-fencing would stop every primary. Each ftd also
+sends a small datagram to every peer's configured address each heartbeat interval, so peers
+that still reach each other keep quorum while the broker is down, and only a host truly cut
+off loses it. A datagram is accepted only from the address configured for the host it names
+(forging one can only delay a failover, never cause one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from ftd.errors import MessageError
+from ftd.log import get_logger
+
+log = get_logger(component="direct-hb")
+MAX_DATAGRAM = 512
+
+
+@dataclass(frozen=True)
+class DirectBeat:
+    host: str
+    epoch: int
+    seq: int
+
+
+def encode_beat(beat: DirectBeat, cluster: str) -> bytes:
+    return json.dumps(
+        {"v": 1, "c": cluster, "h": beat.host, "e": beat.epoch, "s": beat.seq}
+    ).encode()
+
+
+def parse_beat(data: bytes, src: str, cluster: str, addresses: Mapping[str, str]) -> DirectBeat:
+    """Validate one datagram from ``src``. Raises MessageError saying what is wrong."""
+    if len(data) > MAX_DATAGRAM:
+        raise MessageError(f"direct heartbeat from {src}: {len(data)} bytes is too large")
+    try:
+        d = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise MessageError(f"direct heartbeat from {src} is not JSON: {err}") from err
+    if not isinstance(d, dict) or d.get("v") != 1 or d.get("c") != cluster:
+        raise MessageError(f"direct heartbeat from {src}: wrong version or cluster")
+    host, epoch, seq = d.get("h"), d.get("e"), d.get("s")
+    if not isinstance(host, str) or host not in addresses:
+        raise MessageError(f"direct heartbeat from {src} names unknown host {host!r}")
+    if addresses[host] != src:
+        raise MessageError(f"direct heartbeat for {host} came from {src}, not {addresses[host]}")
+    for name, v in (("epoch", epoch), ("seq", seq)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise MessageError(f"direct heartbeat from {host}: bad {name} {v!r}")
+    assert isinstance(epoch, int) and isinstance(seq, int)
+    return DirectBeat(host, epoch, seq)
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, on_data: Callable[[bytes, tuple[str, int]], None]) -> None:
+        self.on_data = on_data
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        self.on_data(data, (str(addr[0]), int(addr[1])))
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP unreachable from a dead peer: expected while it is down.
+        log.debug("direct heartbeat send error", error=str(exc))
+
+
+class DirectHeartbeats:
+    """Send a beat to every peer each interval; report each valid beat received."""
+
+    def __init__(
+        self,
+        me: str,
+        *,
+        epoch: int,
+        cluster: str,
+        addresses: Mapping[str, str],
+        port: int,
+        on_beat: Callable[[DirectBeat], None],
+    ) -> None:
+        self.me = me
+        self.epoch = epoch
+        self.cluster = cluster
+        self.addresses = dict(addresses)
+        self.port = port
+        self.on_beat = on_beat
+        self.dropped = 0
+        self._seq = 0
+        self._transport: asyncio.DatagramTransport | None = None
+
+    async def start(self) -> None:
+        """Bind the UDP port on this host's address. Raises OSError if it cannot."""
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Protocol(self._received), local_addr=(self.addresses[self.me], self.port)
+        )
+        self._transport = transport
+
+    def _received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            beat = parse_beat(data, addr[0], self.cluster, self.addresses)
+        except MessageError as err:
+            self.dropped += 1
+            log.info("direct heartbeat dropped", reason=str(err))
+            return
+        if beat.host != self.me:
+            self.on_beat(beat)
+
+    def beat(self) -> None:
+        """Send one heartbeat to every peer."""
+        if self._transport is None:
+            return
+        self._seq += 1
+        data = encode_beat(DirectBeat(self.me, self.epoch, self._seq), self.cluster)
+        for host, addr in self.addresses.items():
+            if host != self.me:
+                self._transport.sendto(data, (addr, self.port))
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
