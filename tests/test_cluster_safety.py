@@ -33,6 +33,19 @@ def sampler(c: LabCluster) -> PrimarySampler:
     )
 
 
+def diag(c: LabCluster) -> str:
+    out = []
+    for h in c.vm_hosts:
+        run = c.lab.workdir / "hosts" / h / "run" / "vms" / VM
+        for name in ("serial.log", "qemu.err"):
+            try:
+                out.append(f"--- {h} {name}:\n" + (run / name).read_text()[-1200:])
+            except OSError as err:
+                out.append(f"--- {h} {name}: {err}")
+        out.append(c.ftd[h].ctl("events", "-n", "25").stdout)
+    return "\n".join(out)
+
+
 def protected(c: LabCluster, timeout: float = 120.0) -> tuple[str, str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -112,8 +125,8 @@ async def test_link_cut_primary_is_fenced_before_takeover(cluster: LabCluster) -
             assert st["qemu_pid"] is None, st
             assert cluster.ftd[p].status()["fencing"]["self_fenced"] is True
             while not any(a.sent > cut_at + took for a in disk.acked):
-                assert disk.error is None, disk.error
-                assert time.monotonic() < deadline
+                assert disk.error is None, f"{disk.error}\n{diag(cluster)}"
+                assert time.monotonic() < deadline, f"no ack after the takeover\n{diag(cluster)}"
                 await asyncio.sleep(0.1)
             check = await disk.verify(5000, acked_before)
             assert check.ok, check

@@ -242,9 +242,12 @@ def test_malformed_bus_messages_are_dropped(cluster: LabCluster) -> None:
         (f"{prefix}/host/{s}", "\x00\xff" * 10),
         (f"{prefix}/hb/{p}", json.dumps({"v": 99})),
     ):
+        # From a file: argv cannot carry the NUL bytes of the binary garbage.
+        blob = cluster.lab.workdir / "payload.bin"
+        blob.write_bytes(payload.encode("latin-1"))
         cluster.lab.run(
             cluster.client,
-            ["mosquitto_pub", "-h", broker, "-t", topic, "-m", payload],
+            ["mosquitto_pub", "-h", broker, "-t", topic, "-f", str(blob)],
             check=True,
             timeout=10,
         )

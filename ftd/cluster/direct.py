@@ -24,14 +24,18 @@ MAX_DATAGRAM = 512
 
 @dataclass(frozen=True)
 class DirectBeat:
+    """One beat; ``seen`` lists the hosts the sender heard recently, so a host learns that its
+    own beats get through (outbound contact, for the self-fencing lease) without the broker."""
+
     host: str
     epoch: int
     seq: int
+    seen: tuple[str, ...] = ()
 
 
 def encode_beat(beat: DirectBeat, cluster: str) -> bytes:
     return json.dumps(
-        {"v": 1, "c": cluster, "h": beat.host, "e": beat.epoch, "s": beat.seq}
+        {"v": 1, "c": cluster, "h": beat.host, "e": beat.epoch, "s": beat.seq, "n": beat.seen}
     ).encode()
 
 
@@ -54,7 +58,10 @@ def parse_beat(data: bytes, src: str, cluster: str, addresses: Mapping[str, str]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise MessageError(f"direct heartbeat from {host}: bad {name} {v!r}")
     assert isinstance(epoch, int) and isinstance(seq, int)
-    return DirectBeat(host, epoch, seq)
+    seen = d.get("n", [])
+    if not isinstance(seen, list) or not all(isinstance(h, str) and h in addresses for h in seen):
+        raise MessageError(f"direct heartbeat from {host}: bad list of hosts seen {seen!r}")
+    return DirectBeat(host, epoch, seq, tuple(seen))
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -110,12 +117,12 @@ class DirectHeartbeats:
         if beat.host != self.me:
             self.on_beat(beat)
 
-    def beat(self) -> None:
-        """Send one heartbeat to every peer."""
+    def beat(self, seen: tuple[str, ...] = ()) -> None:
+        """Send one heartbeat to every peer, saying which hosts this one hears (``seen``)."""
         if self._transport is None:
             return
         self._seq += 1
-        data = encode_beat(DirectBeat(self.me, self.epoch, self._seq), self.cluster)
+        data = encode_beat(DirectBeat(self.me, self.epoch, self._seq, seen), self.cluster)
         for host, addr in self.addresses.items():
             if host != self.me:
                 self._transport.sendto(data, (addr, self.port))

@@ -81,6 +81,7 @@ class Daemon:
         self.lease = LeaseTiming.from_cluster(cfg.cluster)
         self.self_fence = SelfFenceClock(self.lease.lease_s, started_at=time.monotonic())
         self.own_hb_at: float | None = None
+        self.own_direct_echo_at: float | None = None
         self.self_fenced = False
         self.fence_state: dict[str, dict[str, Any]] = {}
         self._fence_tasks: dict[str, asyncio.Task[None]] = {}
@@ -195,7 +196,8 @@ class Daemon:
         while True:
             # The direct channel beats even while the broker is unreachable.
             if self.direct is not None:
-                self.direct.beat()
+                now = time.monotonic()
+                self.direct.beat(tuple(v.name for v in self.membership.verdicts(now) if v.alive))
             if self.bus.connected:
                 await self.bus.publish(
                     topic_hb(self.cfg.host),
@@ -205,7 +207,11 @@ class Daemon:
             await asyncio.sleep(interval / 1000)
 
     def _on_direct_beat(self, beat: DirectBeat) -> None:
-        self.membership.on_direct(beat.host, beat.epoch, time.monotonic())
+        now = time.monotonic()
+        self.membership.on_direct(beat.host, beat.epoch, now)
+        if self.cfg.host in beat.seen:
+            # A peer hears our direct beats: outbound contact without the broker.
+            self.own_direct_echo_at = now
 
     async def _bus_in(self) -> None:
         assert self.bus is not None
@@ -316,7 +322,8 @@ class Daemon:
         me = self.cfg.this_host
         if me.fence.agent != "self":
             return
-        d = self.self_fence.observe(now, has_quorum, self.own_hb_at)
+        echoes = [t for t in (self.own_hb_at, self.own_direct_echo_at) if t is not None]
+        d = self.self_fence.observe(now, has_quorum, max(echoes) if echoes else None)
         if not d.fence_now:
             self.self_fenced = False
             return
