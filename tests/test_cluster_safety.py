@@ -6,6 +6,9 @@ over. Throughout, an observer samples both QEMUs every 50 ms: never two running 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -138,3 +141,101 @@ async def test_link_cut_primary_is_fenced_before_takeover(cluster: LabCluster) -
         # The cut host comes back as the new secondary.
         assert protected(cluster, 120) == (s, p)
     smp.assert_safe(min_rounds=100)
+
+
+def test_forged_and_replayed_host_records_are_ignored(cluster: LabCluster) -> None:
+    p, s = protected(cluster)
+    prefix = f"ftd/lab{cluster.lab.id}"
+    broker = cluster.lab.address("broker")
+    before = cluster.ftd[p].status()["bus"]["dropped"]
+    forged = [
+        # b's topic, but the payload claims to be a: forged.
+        (f"{prefix}/host/{s}", {"host": p, "epoch": 99}),
+        # b's own name with an old epoch saying offline: a replay.
+        (f"{prefix}/host/{s}", {"host": s, "epoch": 0}),
+    ]
+    for topic, who in forged:
+        record = {
+            "v": 1,
+            "kind": "host",
+            "seq": 1,
+            "ts": time.time(),
+            "online": False,
+            "role": "vm-host",
+            "voter": True,
+            "vms": {},
+            "qemu_version": "",
+            "started_at": 0.0,
+            **who,
+        }
+        blob = cluster.lab.workdir / "forged.json"
+        blob.write_text(json.dumps(record))
+        cluster.lab.run(
+            cluster.client,
+            ["mosquitto_pub", "-h", broker, "-t", topic, "-f", str(blob)],
+            check=True,
+            timeout=10,
+        )
+    time.sleep(1.5)
+    st = cluster.ftd[p].status()
+    peer = next(x for x in st["peers"] if x["host"] == s)
+    assert peer["alive"], peer
+    assert st["bus"]["dropped"] + st["bus"].get("stale", 0) >= before + 1
+    assert protected(cluster, 10) == (p, s)
+
+
+def test_partition_between_vm_hosts_leaves_exactly_one_primary(cluster: LabCluster) -> None:
+    p, s = protected(cluster)
+    with sampler(cluster) as smp:
+        cluster.lab.partition(p, s)
+        try:
+            # Both still see the witness and the broker: nobody is fenced, the replication
+            # link is gone. The primary keeps the guest; the secondary is dropped.
+            deadline = time.monotonic() + 60
+            while cluster.vm_status(s, VM)["role"] != "secondary" or cluster.vm_status(p, VM)[
+                "state"
+            ] not in ("running_unprotected", "reprotecting"):
+                assert time.monotonic() < deadline, diag(cluster)
+                time.sleep(0.2)
+            time.sleep(3)
+            assert cluster.primary_host(VM) == p
+            assert cluster.vm_status(s, VM)["role"] == "secondary"
+        finally:
+            cluster.lab.heal(p, s)
+        assert protected(cluster, 180) == (p, s)
+    smp.assert_safe(min_rounds=100)
+
+
+def test_witness_down_then_host_death_no_lone_failover(cluster: LabCluster) -> None:
+    p, s = protected(cluster)
+    w = cluster.ftd[cluster.witness]
+    assert w.stop() == 0
+    try:
+        deadline = time.monotonic() + 10
+        while "at risk" not in cluster.ftd[s].status()["quorum"]["reason"]:
+            assert time.monotonic() < deadline, cluster.ftd[s].status()["quorum"]
+            time.sleep(0.2)
+        assert cluster.vm_status(p, VM)["state"] == "protected"
+        # Now the primary host dies: the survivor alone is 1 of 3 voters and must not act.
+        f = cluster.ftd[p]
+        pid = cluster.vm_status(p, VM)["qemu_pid"]
+        cluster.lab.run(p, ["pkill", "-9", "-f", f"ftd.daemon.main --config {f.config}"])
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(8)
+        st = cluster.vm_status(s, VM)
+        assert st["role"] == "secondary", st
+        assert "quorum" in st["reason"], st["reason"]
+        assert not cluster.ftd[s].status()["quorum"]["has"]
+    finally:
+        w.start()
+        w.wait_ready()
+        proc = cluster.ftd[p].proc
+        if proc is not None and proc.poll() is not None:
+            cluster.ftd[p].start()
+            cluster.ftd[p].wait_ready()
+    # With the witness back, the survivor has quorum; the primary's copy is gone (its QEMU
+    # exited and its COLO stream closed): it takes over, then the returning host is reprotected.
+    deadline = time.monotonic() + 120
+    while cluster.primary_host(VM) != s:
+        assert time.monotonic() < deadline, diag(cluster)
+        time.sleep(0.2)

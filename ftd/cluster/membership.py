@@ -135,7 +135,11 @@ class Membership:
                 False, votes, n, f"bus disconnected and only {votes}/{n} voters heard directly"
             )
         if votes * 2 > n:
-            return QuorumVerdict(True, votes, n, f"{votes}/{n} voters seen ({', '.join(seen)})")
+            # One more voter lost and the majority is gone: say so (the witness is down...).
+            risk = "; quorum at risk: one more lost voter loses it" if (votes - 1) * 2 <= n else ""
+            return QuorumVerdict(
+                True, votes, n, f"{votes}/{n} voters seen ({', '.join(seen)}){risk}"
+            )
         if allow_two_node and n == 2 and votes == 1:
             return QuorumVerdict(
                 True, votes, n, "two-node mode: acting alone (allow_two_node; split-brain risk)"

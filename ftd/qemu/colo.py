@@ -149,6 +149,25 @@ def _chardev_backend(spec: QemuVmSpec, ids: NicIds, chr_id: str) -> dict[str, ob
     return {"type": "socket", "data": data}
 
 
+# Migration states after which a new migration may start.
+_MIGRATION_IDLE = frozenset({"none", "completed", "failed", "cancelled"})
+
+
+async def wait_migration_idle(pri: QmpSession, *, timeout_s: float) -> None:
+    """Wait until no migration is under way (a previous COLO that was just dropped or cancelled
+    ends asynchronously: QEMU refuses new capabilities until then). Raises QemuError after
+    ``timeout_s``; QmpError."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        status = str((await pri.execute("query-migrate")).get("status", "none"))
+        if status in _MIGRATION_IDLE:
+            return
+        if loop.time() > deadline:
+            raise QemuError(f"{pri.name}: a previous migration is still {status!r}")
+        await asyncio.sleep(0.1)
+
+
 async def start_colo(
     pri: QmpSession,
     spec: QemuVmSpec,
@@ -164,6 +183,7 @@ async def start_colo(
     or ``cancelled`` (with QEMU's error), or is not in ``colo`` within ``timeout_s``; QmpError.
     """
     peer = spec.peer_address
+    await wait_migration_idle(pri, timeout_s=min(timeout_s, 30.0))
     _say(progress, "replication", f"NBD child to {peer}:{spec.nbd_port}")
     await pri.hmp(
         f"drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,"
