@@ -17,6 +17,20 @@ seconds from the death to its :class:`~ftd.cluster.membership.Membership` verdic
 :func:`~ftd.vm.machine.decide` returning ``FailoverToSelf``, and (``announced_s``) to the
 broker acknowledging the new primary's retained state, after which the takeover would run.
 
+Besides those, the object carries the steady state measured before any death (over
+``--window-s``): ``msgs_per_s`` (PUBLISH packets mosquitto delivered per second, from its own
+``$SYS`` counters), ``msgs_in_per_s`` (received), ``expected_msgs_per_s`` (deliveries the
+layout owes: heartbeat rate x watchers), ``broker_cpu`` (cores mosquitto used),
+``broker_us_per_msg`` and ``broker_cores_at_due_rate`` (its CPU per message handled, and the
+cores the design's full rate needs at that cost: the figure least changed by other load on the
+machine), ``broker_kept_up`` (it received what the hosts sent); and the health of the run:
+``false_suspicions`` (peers other than the victim an observer judged dead while measuring),
+``heartbeat_lag_p99_ms`` (how late the simulation sent heartbeats), ``lost_connections``,
+``missed`` (lost VMs whose secondary did not decide the takeover within the peer timeout
++ 3 s) and ``announce_missed`` (whose announcement the broker did not acknowledge in time),
+``prioritized`` (mosquitto and the simulation ran at nice -10, so that other work on a shared
+machine does not decide the result).
+
 What is real and what is simulated
 ----------------------------------
 The broker and every connection to it are real: each simulated host holds its own MQTT 5
@@ -839,20 +853,24 @@ class Settings:
 
 @dataclass
 class Samples:
-    """Seconds from a death, per lost VM, for one path (``will`` or ``timeout``)."""
+    """Seconds from a death, per lost VM and stage, for one path (``will`` or ``timeout``);
+    ``missed`` says, per lost VM that did not reach every stage, how far it got."""
 
     verdict: list[float] = field(default_factory=list)
     decision: list[float] = field(default_factory=list)
     announced: list[float] = field(default_factory=list)
     missed: list[str] = field(default_factory=list)
+    lost_vms: int = 0
 
     def report(self) -> dict[str, Any]:
         return {
             "verdict_s": summary(self.verdict),
             "decision_s": summary(self.decision),
             "announced_s": summary(self.announced),
+            "lost_vms": self.lost_vms,
             "samples": len(self.decision),
-            "missed": len(self.missed),
+            "missed": self.lost_vms - len(self.decision),
+            "announce_missed": self.lost_vms - len(self.announced),
         }
 
 
@@ -1003,6 +1021,7 @@ class Bench:
                 await self._measure(victim, path, observers, lost)
             else:
                 late = ", ".join(o.name for o in observers if not o.ready(victim))
+                self.paths[path].lost_vms += len(lost)
                 self.paths[path].missed.extend(f"{vm}: observer not ready" for vm, _ in lost)
                 progress(f"{victim}: observers {late} did not see it or the quorum in {READY_S}s")
         finally:
@@ -1031,6 +1050,7 @@ class Bench:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.s.peer_timeout_ms / 1000 + ROUND_GRACE_S):
                 await asyncio.gather(*(o.finished.wait() for o in observers))
+        self.paths[path].lost_vms += len(lost)
         self._collect(path, observers, lost, killed_at)
 
     def _collect(
@@ -1040,18 +1060,20 @@ class Bench:
         by_name = {o.name: o for o in observers}
         for vm, secondary in lost:
             o = by_name[secondary]
-            decided = o.decided_at.get(vm)
-            announced = o.announced_at.get(vm)
-            if o.verdict_at is None or decided is None or announced is None:
+            stages = (
+                (samples.verdict, o.verdict_at),
+                (samples.decision, o.decided_at.get(vm)),
+                (samples.announced, o.announced_at.get(vm)),
+            )
+            for values, at in stages:
+                if at is not None:
+                    values.append(at - killed_at)
+            if any(at is None for _values, at in stages):
                 samples.missed.append(
                     f"{vm} on {secondary}: verdict {o.verdict_at is not None}, "
-                    f"decided {decided is not None}, announced {announced is not None}, "
+                    f"decided {vm in o.decided_at}, announced {vm in o.announced_at}, "
                     f"view {o.views[vm].state} ({o.views[vm].reason})"
                 )
-                continue
-            samples.verdict.append(o.verdict_at - killed_at)
-            samples.decision.append(decided - killed_at)
-            samples.announced.append(announced - killed_at)
 
     def _report(self, steady: dict[str, Any], elapsed_s: float) -> dict[str, Any]:
         will = self.paths["will"].report()
@@ -1065,7 +1087,9 @@ class Bench:
             "announced_s": will["announced_s"],
             "timeout_path": self.paths["timeout"].report(),
             "samples": {p: s.report()["samples"] for p, s in self.paths.items()},
-            "missed": sum(len(s.missed) for s in self.paths.values()),
+            "missed": will["missed"] + self.paths["timeout"].report()["missed"],
+            "announce_missed": will["announce_missed"]
+            + self.paths["timeout"].report()["announce_missed"],
             "layout": self.s.layout,
             "witnesses": self.s.witnesses,
             "heartbeat_ms": self.s.heartbeat_ms,

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
+    hs = sub.add_parser("hosts", help="cluster membership: hosts, epochs, quorum, VMs")
+    hs.add_argument("--json", action="store_true", dest="json_sub")
+
     st = sub.add_parser("status", help="host, QEMU, bus and protected VMs")
     st.add_argument("--json", action="store_true", dest="json_sub")
 
@@ -50,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("stop", "stop the VM (both copies)"),
     ):
         op = sub.add_parser(name, help=help_)
-        op.add_argument("vm")
+        if name == "failover":
+            op.add_argument("vm", nargs="?")
+            op.add_argument("--group", "-g", help="fail over every member of this group instead")
+        else:
+            op.add_argument("vm")
         op.add_argument("--json", action="store_true", dest="json_sub")
         op.add_argument(
             "--wait",
@@ -59,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="S",
             help="wait up to S seconds for the VM to settle (protected or running)",
         )
+
+    pol = sub.add_parser("policy", help="checkpoint policy of a VM")
+    pol_sub = pol.add_subparsers(dest="pol_cmd", required=True, metavar="ACTION")
+    ps = pol_sub.add_parser(
+        "set",
+        help="change the policy live (unset options keep the interval bounds, and the policy's "
+        "own values when the policy stays)",
+    )
+    ps.add_argument("vm")
+    ps.add_argument("--policy", choices=["fixed", "dirty-threshold", "pause-budget"])
+    for opt, type_, help_ in POLICY_OPTIONS:
+        ps.add_argument(opt, type=type_, help=help_)
+    ps.add_argument("--json", action="store_true", dest="json_sub")
 
     lv = sub.add_parser("libvirt", help="libvirt-managed VMs")
     lv_sub = lv.add_subparsers(dest="lv_cmd", required=True, metavar="ACTION")
@@ -69,11 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--uri", default="qemu:///system", help="libvirt URI (default qemu:///system)")
     chk.add_argument("--json", action="store_true", dest="json_sub")
 
+    gr = sub.add_parser("groups", help="VM groups: policy, members, last committed epoch")
+    gr.add_argument("--json", action="store_true", dest="json_sub")
+
     ev = sub.add_parser("events", help="recent events and decisions, with their reasons")
     ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     ev.add_argument("--limit", "-n", type=int, default=50)
     ev.add_argument("--json", action="store_true", dest="json_sub")
     return p
+
+
+POLICY_OPTIONS: list[tuple[str, type, str]] = [
+    ("--interval-ms", float, "period of policy fixed"),
+    ("--min-interval-ms", float, "never checkpoint more often"),
+    ("--max-interval-ms", float, "never checkpoint less often"),
+    ("--dirty-pages", int, "dirty pages that trigger a checkpoint (dirty-threshold)"),
+    ("--pause-budget-ms", float, "predicted pause that triggers a checkpoint (pause-budget)"),
+    ("--link-bandwidth-mbps", float, "replication link speed in Mbit/s (pause-budget)"),
+    ("--safety-margin", float, "fraction of the budget kept spare, in [0, 1) (pause-budget)"),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,8 +121,19 @@ def main(argv: list[str] | None = None) -> int:
         client = ControlClient(args.socket)
         if args.cmd == "status":
             return cmd_status(client, as_json)
+        if args.cmd == "hosts":
+            return cmd_hosts(client, as_json)
         if args.cmd == "events":
             return cmd_events(client, args.limit, args.follow, as_json)
+        if args.cmd == "policy":
+            return cmd_policy_set(client, args, as_json)
+        if args.cmd == "groups":
+            return cmd_groups(client, as_json)
+        if args.cmd == "failover" and (args.group is None) == (args.vm is None):
+            print("ftctl: failover needs exactly one of VM and --group", file=sys.stderr)
+            return 2
+        if args.cmd == "failover" and args.group is not None:
+            return cmd_group_failover(client, args.group, as_json)
         if args.cmd in ("protect", "failover", "reprotect", "stop"):
             return cmd_vm_op(client, args.cmd, args.vm, as_json, args.wait)
     except RequestError as err:
@@ -137,6 +182,32 @@ def cmd_libvirt_check(uri: str, domain: str, as_json: bool) -> int:
     return 0 if ok else 2
 
 
+def cmd_hosts(client: ControlClient, as_json: bool) -> int:
+    res = client.call("hosts")
+    if as_json:
+        _print_json(res)
+        return 0
+    q = res["quorum"]
+    rows = [
+        [
+            h["host"],
+            h["online"],
+            h["epoch"],
+            h["role"],
+            h["voter"],
+            " ".join(f"{n}:{r}" for n, r in sorted(h["vms"].items())) or None,
+            h["reason"],
+        ]
+        for h in res["hosts"]
+    ]
+    print(render(["host", "online", "epoch", "role", "voter", "vms", "reason"], rows))
+    print(
+        f"\nseen from {res['from']}: {q['votes']}/{q['voters']} voters, "
+        f"quorum {'yes' if q['has'] else 'NO'} ({q['reason']})"
+    )
+    return 0
+
+
 def cmd_status(client: ControlClient, as_json: bool) -> int:
     st = client.call("status")
     if as_json:
@@ -168,6 +239,7 @@ def cmd_status(client: ControlClient, as_json: bool) -> int:
         return 0
     print(render(VM_HEADERS, [vm_row(vm) for vm in vms]))
     for vm in vms:
+        print(policy_line(vm))
         if vm.get("sync"):
             print(f"{vm['name']}: {sync_line(vm['sync'])}")
     return 0
@@ -206,6 +278,47 @@ def vm_row(vm: dict[str, Any]) -> list[object]:
     ]
 
 
+def policy_line(vm: dict[str, Any]) -> str:
+    cp = vm.get("checkpoints") or {}
+    pol = vm.get("checkpoint_policy") or {}
+    text = (pol.get("policy") or {}).get("text", vm.get("policy", "-"))
+    rate = pol.get("dirty_rate_mbps")
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}ms"
+
+    parts = [
+        f"{vm['name']}: policy {text}",
+        f"dirty rate {'-' if rate is None else f'{rate:g} MiB/s'}",
+        f"pause last/avg/p99 {ms(cp.get('last_pause_ms'))}/{ms(cp.get('avg_pause_ms'))}/"
+        f"{ms(cp.get('p99_pause_ms'))}",
+        f"{cp.get('per_min', 0)} checkpoints/min",
+    ]
+    if pol.get("requests") is not None:
+        parts.append(f"{pol.get('on_demand', 0)}/{pol['requests']} on demand")
+    if pol.get("decision"):
+        parts.append(f"last decision: {pol['decision']}")
+    return ", ".join(parts)
+
+
+def cmd_policy_set(client: ControlClient, args: argparse.Namespace, as_json: bool) -> int:
+    req: dict[str, Any] = {"vm": args.vm}
+    if args.policy is not None:
+        req["policy"] = args.policy
+    for opt, _, _ in POLICY_OPTIONS:
+        key = opt.lstrip("-").replace("-", "_")
+        value = getattr(args, key)
+        if value is not None:
+            req[key] = value
+    res = client.call("policy-set", req)
+    if as_json:
+        _print_json(res)
+    else:
+        pol = res["checkpoint_policy"]
+        print(f"{args.vm}: checkpoint policy now {pol['policy']['text']} on {res['host']}")
+    return 0
+
+
 def sync_line(sync: dict[str, Any]) -> str:
     pct = sync.get("percent")
     done, total = sync.get("done", 0), sync.get("total", 0)
@@ -237,6 +350,43 @@ def cmd_vm_op(client: ControlClient, op: str, vm: str, as_json: bool, wait: floa
         v = res["vm_status"]
         print(f"{vm}: {res['reason']}")
         print(f"{vm} is now {v['state']} ({v['role']} on {v['host']})")
+    return 0
+
+
+def cmd_groups(client: ControlClient, as_json: bool) -> int:
+    groups = client.call("groups")
+    if as_json:
+        _print_json(groups)
+        return 0
+    if not groups:
+        print("no groups on this host")
+        return 0
+    rows = []
+    for g in groups:
+        age = g.get("committed_age_s")
+        rows.append(
+            [
+                g["group"],
+                g["policy"],
+                ",".join(g["members"]),
+                g["committed_epoch"] or None,
+                f"{age:.1f}s" if age is not None else None,
+                g.get("synchronizer"),
+            ]
+        )
+    print(render(["group", "policy", "members", "epoch", "age", "synchronizer"], rows))
+    for g in groups:
+        if g.get("last_failure"):
+            print(f"{g['group']}: last failed epoch: {g['last_failure']}")
+    return 0
+
+
+def cmd_group_failover(client: ControlClient, group: str, as_json: bool) -> int:
+    res = client.call("group-failover", {"group": group})
+    if as_json:
+        _print_json(res)
+    else:
+        print(f"group {group}: {res['reason']} (members: {', '.join(res['members'])})")
     return 0
 
 

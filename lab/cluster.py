@@ -25,6 +25,7 @@ from lab.image import GuestImage, guest_append
 from lab.netns import Lab
 
 FTD = [sys.executable, "-m", "ftd.daemon.main"]
+METRICS_PORT = 9187
 FTCTL = [sys.executable, "-m", "ftctl"]
 
 
@@ -59,6 +60,7 @@ def cluster_config(
     guest: GuestImage | None,
     accel: str = "tcg",
     extra_cluster: dict[str, Any] | None = None,
+    groups: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """The configuration document for ``host``: cluster, bus on the lab broker, its own paths."""
     state_dir, run_dir = host_dirs(lab, host)
@@ -80,8 +82,10 @@ def cluster_config(
         "bus": {"brokers": [lab.broker.url], "topic_prefix": "ftd", "insecure": True},
         "qemu": {"accel": accel},
         "paths": {"state_dir": str(state_dir), "run_dir": str(run_dir)},
+        "control": {"metrics_port": METRICS_PORT, "metrics_address": lab.address(host)},
         "log": {"level": "debug", "json": True},
         "vms": [],
+        "groups": [dict(g) for g in groups],
     }
     subnet = lab.subnet.rsplit(".", 1)[0]
     for i, vm in enumerate(vms):
@@ -231,6 +235,7 @@ class LabCluster:
         client: str = "c",
         guest: GuestImage | None = None,
         extra_cluster: dict[str, Any] | None = None,
+        groups: Sequence[dict[str, Any]] = (),
     ) -> None:
         self.plans = list(vms)
         self.vm_hosts = list(vm_hosts)
@@ -238,6 +243,7 @@ class LabCluster:
         self.client = client
         self.guest = guest
         self.extra_cluster = extra_cluster
+        self.groups = list(groups)
         self.lab = Lab([*vm_hosts, witness, client], broker=True)
         self.ftd: dict[str, FtdProcess] = {}
 
@@ -253,6 +259,7 @@ class LabCluster:
                     vms=self.plans,
                     guest=self.guest,
                     extra_cluster=self.extra_cluster,
+                    groups=self.groups,
                 )
                 self.ftd[h] = FtdProcess(
                     self.lab, h, write_config(self.lab, h, doc), witness=h == self.witness
@@ -316,3 +323,25 @@ class LabCluster:
             if st["role"] == "primary" and st["state"] in ("protected", "running_unprotected"):
                 return h
         return None
+
+    def wait_protected(self, name: str, timeout: float = 120.0) -> tuple[str, str]:
+        """Wait until VM ``name`` is protected with both copies in step, wherever its primary
+        is now; returns (primary host, secondary host). Raises LabError with both hosts'
+        status and log tails on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            p = self.primary_host(name)
+            if p is not None:
+                s = next(h for h in self.vm_hosts if h != p)
+                try:
+                    both = (self.vm_status(p, name)["state"], self.vm_status(s, name)["state"])
+                except LabError:
+                    both = ("", "")
+                if both == ("protected", "protected"):
+                    return p, s
+            time.sleep(0.2)
+        report = "\n".join(
+            f"--- {h}:\n{self.ftd[h].ctl('status', check=False).stdout}\n{self.ftd[h].tail(1500)}"
+            for h in self.vm_hosts
+        )
+        raise LabError(f"{name} not protected within {timeout}s\n{report}")

@@ -147,6 +147,7 @@ def test_quick_run_measures_verdicts_and_decisions() -> None:
     # 2 deaths per path, 4 VMs each, every one seen and decided
     assert result["samples"] == {"will": 8, "timeout": 8}
     assert result["missed"] == 0
+    assert result["timeout_path"]["lost_vms"] == 8
     # a decision never precedes its verdict; a silent host is judged only after the timeout
     assert result["decision_s"]["p50"] >= result["verdict_s"]["p50"]
     timeout = result["timeout_path"]

@@ -50,15 +50,7 @@ def diag(c: LabCluster) -> str:
 
 
 def protected(c: LabCluster, timeout: float = 120.0) -> tuple[str, str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        p = c.primary_host(VM)
-        if p is not None:
-            s = "b" if p == "a" else "a"
-            if c.vm_status(p, VM)["state"] == "protected" == c.vm_status(s, VM)["state"]:
-                return p, s
-        time.sleep(0.2)
-    raise AssertionError(f"not protected in {timeout}s: {c.ftd['a'].tail(1500)}")
+    return c.wait_protected(VM, timeout)
 
 
 def test_broker_loss_changes_nothing(cluster: LabCluster) -> None:

@@ -57,6 +57,10 @@ def test_ftd_status_membership_and_clean_stop(lab: Lab) -> None:
 
     table = a.ctl("status").stdout
     assert "HOST" in table and "connected" in table and "11." in table
+    hosts = json.loads(a.ctl("hosts", "--json").stdout)
+    assert [h["host"] for h in hosts["hosts"]] == ["a", "w"]
+    assert all(h["online"] for h in hosts["hosts"]) and hosts["quorum"]["has"]
+    assert "quorum yes" in a.ctl("hosts").stdout
 
     events = json.loads(a.ctl("events", "--json").stdout)
     assert any("started as vm-host" in e["message"] for e in events)

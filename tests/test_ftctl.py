@@ -57,3 +57,15 @@ def test_libvirt_check_against_libvirt_test_driver() -> None:
     assert j["ok"] is False and any(f["check"] == "acpi" for f in j["findings"])
     r = ftctl("libvirt", "check", "nosuch", "--uri", "test:///default")
     assert r.returncode == 1 and "nosuch" in r.stderr
+
+
+def test_configuration_reference_doc_is_generated_from_the_schema() -> None:
+    doc = Path(__file__).parent.parent / "docs" / "configuration.md"
+    r = subprocess.run(
+        [sys.executable, "-m", "ftd.config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert doc.read_text() == r.stdout, "docs/configuration.md is stale: python -m ftd.config"

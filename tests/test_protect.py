@@ -16,9 +16,10 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from lab.clients import COUNTER_PORT, DISK_PORT, CounterClient, DiskWriterClient
-from lab.cluster import LabCluster, VmPlan
+from lab.cluster import METRICS_PORT, LabCluster, VmPlan
 from lab.image import build_guest
 
 pytestmark = pytest.mark.real
@@ -34,20 +35,7 @@ def cluster() -> Iterator[LabCluster]:
 
 
 def protected(c: LabCluster, timeout: float = 120.0) -> tuple[str, str]:
-    """Wait until some host is the protected primary; returns (primary, secondary)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        p = c.primary_host(VM)
-        if p is not None:
-            s = "b" if p == "a" else "a"
-            st = c.vm_status(p, VM)
-            if st["state"] == "protected" and c.vm_status(s, VM)["state"] == "protected":
-                return p, s
-        time.sleep(0.2)
-    raise AssertionError(
-        f"{VM} not protected within {timeout}s:\n{c.ftd['a'].ctl('status').stdout}\n"
-        f"{c.ftd['b'].ctl('status').stdout}\n{c.ftd['a'].tail(2000)}\n{c.ftd['b'].tail(2000)}"
-    )
+    return c.wait_protected(VM, timeout)
 
 
 class Clients:
@@ -286,3 +274,23 @@ def test_bad_requests_change_nothing(cluster: LabCluster) -> None:
     r = cluster.ftd[s].ctl("reprotect", VM, check=False)
     assert r.returncode == 2 and "refused" in r.stderr
     assert protected(cluster, 10) == (p, s)
+
+
+async def test_metrics_endpoint_scraped_and_parsed(cluster: LabCluster) -> None:
+    p, _ = protected(cluster)
+    r, w = await cluster.lab.open_connection(cluster.client, cluster.lab.address(p), METRICS_PORT)
+    w.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+    await w.drain()
+    raw = await r.read()
+    w.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"version=0.0.4" in head
+    fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    up = {s.labels["state"]: s.value for s in fams["ftd_vm_state"].samples}
+    assert up["protected"] == 1 and up["stopped"] == 0
+    assert next(iter(fams["ftd_quorum"].samples)).value == 1
+    assert next(iter(fams["ftd_bus_connected"].samples)).value == 1
+    cps = next(s for s in fams["ftd_vm_checkpoints"].samples if s.name.endswith("_total"))
+    assert cps.value >= 1
+    hist = [s for s in fams["ftd_vm_checkpoint_pause_seconds"].samples if s.name.endswith("count")]
+    assert hist and hist[0].value >= 1

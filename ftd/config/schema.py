@@ -382,6 +382,14 @@ class Control:
     group: str = field(
         default="ftd", metadata=doc("unix group allowed to use the socket", pattern=UNIX_GROUP_RE)
     )
+    metrics_port: int | None = field(
+        default=None,
+        metadata=doc("TCP port of the Prometheus metrics endpoint (none: off)", lo=1, hi=65535),
+    )
+    metrics_address: str = field(
+        default="127.0.0.1",
+        metadata=doc("address the metrics endpoint listens on", check=check_address),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,6 +9,7 @@ file is invalid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ftd import __version__
+from ftd.aio import bounded
 from ftd.bus import Heartbeat, HostRecord, MqttBus, VmState, topic_hb, topic_host
 from ftd.cluster.direct import DirectBeat, DirectHeartbeats
 from ftd.cluster.fencing import (
@@ -29,12 +31,14 @@ from ftd.cluster.fencing import (
 from ftd.cluster.membership import Member, Membership
 from ftd.config import Config, load_config
 from ftd.control.events import EventLog
+from ftd.control.metrics import MetricsServer
 from ftd.control.protocol import ArgSpec, OpSpec
 from ftd.control.server import ControlServer
 from ftd.daemon.notify import Notifier
 from ftd.daemon.state import next_boot_epoch
 from ftd.daemon.supervisor import Supervisor
 from ftd.errors import ConfigError, QemuVersionError, RequestError
+from ftd.group.sync import GroupSync
 from ftd.log import get_logger
 from ftd.qemu.runtime import QemuRuntime, QemuVersion, colo_verdict, probe_capabilities
 from ftd.vm.machine import (
@@ -43,10 +47,23 @@ from ftd.vm.machine import (
     ProtectRequested,
     QuorumChanged,
     ReprotectRequested,
+    Role,
     State,
     StopRequested,
 )
 from ftd.vm.runner import VmRunner
+
+# Arguments of the policy-set op: the make_policy keys (ftd.checkpoint.policy).
+POLICY_ARGS = {
+    "policy": ArgSpec(str, help="fixed | dirty-threshold | pause-budget"),
+    "interval_ms": ArgSpec((int, float), help="period of policy fixed"),
+    "min_interval_ms": ArgSpec((int, float), help="never checkpoint more often"),
+    "max_interval_ms": ArgSpec((int, float), help="never checkpoint less often"),
+    "dirty_pages": ArgSpec(int, help="threshold of policy dirty-threshold"),
+    "pause_budget_ms": ArgSpec((int, float), help="budget of policy pause-budget"),
+    "link_bandwidth_mbps": ArgSpec((int, float), help="link speed (pause-budget), Mbit/s"),
+    "safety_margin": ArgSpec((int, float), help="fraction of the budget kept spare, [0, 1)"),
+}
 
 
 def runtime_for(cfg: Config) -> QemuRuntime:
@@ -67,6 +84,7 @@ class Daemon:
         self.notifier = Notifier()
         self.supervisor = Supervisor()
         self.control = ControlServer(Path(cfg.control.socket), cfg.control.group)
+        self.metrics: MetricsServer | None = None
         self.started_at = time.time()
         self.boot_epoch = 0
         self.qemu_version: QemuVersion | None = None
@@ -82,11 +100,15 @@ class Daemon:
         self.self_fence = SelfFenceClock(self.lease.lease_s, started_at=time.monotonic())
         self.own_hb_at: float | None = None
         self.own_direct_echo_at: float | None = None
+        # Set when a peer's offline record arrives: the detector judges at once instead of at
+        # its next pass (a will is the fastest sign of a dead host).
+        self._detector_wake = asyncio.Event()
         self.self_fenced = False
         self.fence_state: dict[str, dict[str, Any]] = {}
         self._fence_tasks: dict[str, asyncio.Task[None]] = {}
         self._quorum_held: bool | None = None
         self._last_auto_reprotect: dict[str, float] = {}
+        self.group_sync: GroupSync | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     async def run(self) -> int:
@@ -96,6 +118,11 @@ class Daemon:
             await self._check_qemu()
         self._register_ops()
         await self.control.start()
+        if self.cfg.control.metrics_port is not None:
+            self.metrics = MetricsServer(
+                self.cfg.control.metrics_address, self.cfg.control.metrics_port, self.status
+            )
+            await self.metrics.start()
         self.direct: DirectHeartbeats | None = None
         if self.cfg.cluster.heartbeat_port:
             self.direct = DirectHeartbeats(
@@ -110,6 +137,13 @@ class Daemon:
         self.bus = self._make_bus()
         self.bus.set_will(self._host_record(online=False))
         await self.bus.connect()
+        if self.role == "vm-host":
+            # Before the bus reader: retained group records (lease, last committed epoch) and
+            # member states must reach it. It reads self.runners, which fills in below.
+            self.group_sync = GroupSync(
+                self.cfg, self.bus, self.runners, self.events, self._host_alive
+            )
+            self.supervisor.spawn("group-sync", self.group_sync.run())
         self.supervisor.spawn("bus-in", self._bus_in())
         self.supervisor.spawn("heartbeat", self._heartbeat())
         if self.role == "vm-host":
@@ -139,6 +173,8 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.control.close()
+            if self.metrics is not None:
+                await self.metrics.close()
             if self.direct is not None:
                 self.direct.close()
             if self.bus is not None:
@@ -215,11 +251,13 @@ class Daemon:
 
     async def _bus_in(self) -> None:
         assert self.bus is not None
-        await self.bus.subscribe(["host/+", "hb/+", "vm/+/state/+"])
-        async for _suffix, msg in self.bus.messages():
+        await self.bus.subscribe(["host/+", "hb/+", "vm/+/state/+", *GroupSync.patterns()])
+        async for suffix, msg in self.bus.messages():
             now = time.monotonic()
             if isinstance(msg, HostRecord):
                 change = self.membership.on_record(msg, now)
+                if not msg.online:
+                    self._detector_wake.set()
                 if change:
                     self.events.record("membership", change, peer=msg.host, epoch=msg.epoch)
             elif isinstance(msg, Heartbeat):
@@ -228,9 +266,13 @@ class Daemon:
                     self.own_hb_at = now
                 self.membership.on_heartbeat(msg, now)
             elif isinstance(msg, VmState):
+                if self.group_sync is not None:
+                    self.group_sync.on_vm_state(msg)
                 runner = self.runners.get(msg.vm)
                 if runner is not None and msg.host == runner.peer:
                     runner.on_peer_vm_state(msg)
+            elif suffix.startswith("group/") and self.group_sync is not None:
+                self.group_sync.on_message(msg)
 
     async def _detector(self) -> None:
         """The failure detector: quorum changes and lost peers become VM events.
@@ -241,6 +283,9 @@ class Daemon:
         secondary saw the primary's COLO stream close (its QEMU's sockets were closed).
         """
         interval = self.cfg.cluster.heartbeat_interval_ms / 1000
+        # No verdict on peers before their retained records and beats had time to arrive:
+        # a peer "never seen" one moment after start-up is not a lost peer.
+        grace_until = time.monotonic() + self.cfg.cluster.peer_timeout_ms / 1000
         while True:
             now = time.monotonic()
             connected = bool(self.bus and self.bus.connected)
@@ -259,7 +304,7 @@ class Daemon:
             for r in self.runners.values():
                 v = self.membership.verdict(r.peer, now)
                 link_ok, _ = r.colo_alive(r.clock())
-                if not v.alive and connected and not link_ok:
+                if not v.alive and connected and not link_ok and now >= grace_until:
                     lost.setdefault(r.peer, []).append(r)
                 elif v.alive:
                     self._fence_reset(r.peer)
@@ -267,11 +312,26 @@ class Daemon:
                         self._maybe_auto_reprotect(r, now)
             for peer, runners in lost.items():
                 self._feed_peer_lost(peer, runners, q, now)
-            await asyncio.sleep(interval)
+            self._detector_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await bounded(self._detector_wake.wait(), interval)
 
     def _feed_peer_lost(self, peer: str, runners: list[VmRunner], q: Any, now: float) -> None:
-        """Fence (or find proof of death) before a lost peer's primaries are taken over."""
+        """Fence (or find proof of death) before a lost peer's primaries are taken over.
+
+        Only VMs this host holds as secondary need it: a lost secondary can never become a
+        primary, so a primary is told its peer is lost without any fencing."""
         verdict = self.membership.verdict(peer, now)
+        for r in runners:
+            if r.view.role is not Role.SECONDARY:
+                r.feed(
+                    PeerLost(
+                        why=f"{peer} lost: {verdict.reason}", fenced=False, quorum=q.has_quorum
+                    )
+                )
+        runners = [r for r in runners if r.view.role is Role.SECONDARY]
+        if not runners:
+            return
         proofs = {r.vm.name: "its COLO stream closed" for r in runners if r.stream_lost}
         host = next(h for h in self.cfg.cluster.hosts if h.name == peer)
         plan = fencing_plan(verdict, q, [r.vm.name for r in runners], host.fence.agent, proofs)
@@ -365,6 +425,7 @@ class Daemon:
     def _register_ops(self) -> None:
         self.control.register(OpSpec("ping", "is the daemon alive"), self._op_ping)
         self.control.register(OpSpec("status", "host, QEMU, bus and VM status"), self._op_status)
+        self.control.register(OpSpec("hosts", "cluster membership and quorum"), self._op_hosts)
         self.control.register(
             OpSpec(
                 "events",
@@ -380,6 +441,23 @@ class Daemon:
         )
         self.control.register(OpSpec("reprotect", "new secondary", vm_arg), self._op_reprotect)
         self.control.register(OpSpec("stop", "stop the VM", vm_arg), self._op_stop)
+        self.control.register(
+            OpSpec(
+                "policy-set",
+                "change a VM's checkpoint policy live (validated; nothing changes on error)",
+                {**vm_arg, **POLICY_ARGS},
+            ),
+            self._op_policy_set,
+        )
+        self.control.register(OpSpec("groups", "VM groups and their epochs"), self._op_groups)
+        self.control.register(
+            OpSpec(
+                "group-failover",
+                "hand every member of a group over to its secondary",
+                {"group": ArgSpec(str, required=True, help="group name")},
+            ),
+            self._op_group_failover,
+        )
         self.control.register_stream(
             OpSpec("events-follow", "recent events, then live ones", {"limit": ArgSpec(int)}),
             self._op_events_follow,
@@ -408,6 +486,71 @@ class Daemon:
 
     async def _op_stop(self, args: dict[str, Any]) -> Any:
         return await self._vm_request(args, StopRequested())
+
+    async def _op_policy_set(self, args: dict[str, Any]) -> Any:
+        r = self._runner(str(args["vm"]))
+        changes = {k: v for k, v in args.items() if k != "vm"}
+        try:
+            policy = await r.set_policy(changes)
+        except ConfigError as err:
+            raise RequestError(f"vm {r.vm.name}: bad checkpoint policy: {err}") from err
+        return {"vm": r.vm.name, "host": self.cfg.host, "checkpoint_policy": policy}
+
+    def _host_alive(self, host: str) -> bool:
+        return host == self.cfg.host or self.membership.verdict(host, time.monotonic()).alive
+
+    async def _op_groups(self, args: dict[str, Any]) -> Any:
+        return [] if self.group_sync is None else self.group_sync.status()
+
+    async def _op_group_failover(self, args: dict[str, Any]) -> Any:
+        if self.group_sync is None:
+            raise RequestError(f"host {self.cfg.host} takes part in no group")
+        return await self.group_sync.failover(str(args["group"]))
+
+    async def _op_hosts(self, args: dict[str, Any]) -> Any:
+        now = time.monotonic()
+        q = self.membership.quorum(
+            now, bool(self.bus and self.bus.connected), self.cfg.cluster.allow_two_node
+        )
+        rows = []
+        for h in self.cfg.cluster.hosts:
+            if h.name == self.cfg.host:
+                vms = {n: r.view.role.value for n, r in self.runners.items()}
+                rows.append(
+                    {
+                        "host": h.name,
+                        "online": True,
+                        "epoch": self.boot_epoch,
+                        "role": h.role,
+                        "voter": h.voter,
+                        "reason": "this host",
+                        "vms": vms,
+                    }
+                )
+                continue
+            v = self.membership.verdict(h.name, now)
+            p = self.membership.peers[h.name]
+            rows.append(
+                {
+                    "host": h.name,
+                    "online": v.alive,
+                    "epoch": v.epoch,
+                    "role": h.role,
+                    "voter": h.voter,
+                    "reason": v.reason,
+                    "vms": dict(p.vms),
+                }
+            )
+        return {
+            "from": self.cfg.host,
+            "quorum": {
+                "has": q.has_quorum,
+                "votes": q.votes,
+                "voters": q.voters,
+                "reason": q.reason,
+            },
+            "hosts": rows,
+        }
 
     async def _op_ping(self, args: dict[str, Any]) -> Any:
         return {"host": self.cfg.host, "pid": os.getpid()}

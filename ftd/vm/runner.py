@@ -32,6 +32,15 @@ from typing import Any
 
 from ftd.aio import bounded
 from ftd.bus import Bus, VmState, topic_vm_state
+from ftd.checkpoint.driver import (
+    CheckpointDriver,
+    config_params,
+    describe,
+    merge_params,
+    ram_pages,
+    timer_ms,
+)
+from ftd.checkpoint.policy import make_policy
 from ftd.config.schema import Config, Vm
 from ftd.control.events import EventLog
 from ftd.daemon.state import read_json, write_json_atomic
@@ -84,8 +93,11 @@ STREAM_LOST_MARK = "Can't receive COLO message"
 # How long COLO may go without a checkpoint before it counts as wedged or stalled (the known
 # start wedge, shared/COLO.md, or a secondary that stopped answering): this many expected
 # periods, and at least a few seconds beyond one period (a checkpoint itself takes time).
-WEDGE_PERIODS = 3
-WEDGE_SLACK_S = 4.0
+PAUSE_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+WEDGE_PERIODS = 5
+WEDGE_SLACK_S = 5.0
+# States from which COLO entry leads to PROTECTED (the checkpoint driver waits through them).
+_PAIRING_STATES = (State.SYNCING, State.REPROTECTING)
 
 
 def spec_for(cfg: Config, vm: Vm, host: str) -> QemuVmSpec:
@@ -163,6 +175,10 @@ class CheckpointStats:
     last_at: float | None = None
     last_dirty_pages: int | None = None
     miscompares: int = 0
+    # Cumulative pause histogram (seconds) for the metrics endpoint.
+    bucket_counts: list[int] = field(default_factory=lambda: [0] * len(PAUSE_BUCKETS_S))
+    pause_sum_s: float = 0.0
+    pause_count: int = 0
     pauses: deque[float] = field(default_factory=lambda: deque(maxlen=512))
     times: deque[float] = field(default_factory=lambda: deque(maxlen=512))
 
@@ -173,6 +189,11 @@ class CheckpointStats:
         if cp.pause_s is not None:
             self.last_pause_ms = cp.pause_s * 1000
             self.pauses.append(self.last_pause_ms)
+            self.pause_sum_s += cp.pause_s
+            self.pause_count += 1
+            for i, le in enumerate(PAUSE_BUCKETS_S):
+                if cp.pause_s <= le:
+                    self.bucket_counts[i] += 1
         self.last_dirty_pages = cp.dirty_pages
 
     def summary(self, now: float) -> dict[str, Any]:
@@ -189,6 +210,11 @@ class CheckpointStats:
             "per_min": len(recent),
             "last_dirty_pages": self.last_dirty_pages,
             "miscompares": self.miscompares,
+            "histogram": {
+                "buckets": list(zip(PAUSE_BUCKETS_S, self.bucket_counts, strict=True)),
+                "sum": round(self.pause_sum_s, 6),
+                "count": self.pause_count,
+            },
         }
 
 
@@ -238,7 +264,15 @@ class VmRunner:
         self._watchers: list[asyncio.Task[None]] = []
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._killing = False
+        # When this ftd (re)started watching its QEMU: counts as a checkpoint for colo_alive,
+        # so a restarted ftd gives the link time to show its next checkpoint.
+        self._attached_at = 0.0
         self._colo_entered_at: float | None = None
+        # Checkpoint timing: the policy in force (config, or changed live by the operator) and
+        # its driver while this host is the protected primary.
+        self.policy_params = config_params(vm.checkpoint)
+        self.policy = make_policy(self.policy_params)
+        self.driver: CheckpointDriver | None = None
         self._state_path = cfg.paths.state_dir / "vms" / f"{vm.name}.json"
 
     # --- the loop ------------------------------------------------------------------------------
@@ -440,20 +474,23 @@ class VmRunner:
         self.queue.put_nowait(ResyncDone())
 
     async def _start_colo(self) -> None:
-        delay = self.vm.checkpoint.interval_ms or 2000
+        delay = timer_ms(self.policy)
         took = await colo.start_colo(self._qmp(), self.spec, checkpoint_delay_ms=delay)
         self._colo_entered_at = self.clock()
         self.events.record("vm", f"COLO entered {took:.2f}s after migrate", vm=self.vm.name)
         self.queue.put_nowait(ColoEntered())
+        self._job("checkpoint-driver", self._drive_checkpoints())
         await self._checkpoint_watchdog(delay / 1000)
 
     async def _checkpoint_watchdog(self, period_s: float) -> None:
         """While protected, no checkpoint for the wedge window means COLO is stuck: report
         it (the machine drops the secondary; automatic reprotect pairs again)."""
-        window = max(WEDGE_PERIODS * period_s, period_s + WEDGE_SLACK_S)
         entered = self.clock()
         await asyncio.sleep(1.0)
         while self.view.state is State.PROTECTED and self.view.role is Role.PRIMARY:
+            # The policy may change live: its timer is the longest expected period.
+            period_s = max(period_s, timer_ms(self.policy) / 1000)
+            window = max(WEDGE_PERIODS * period_s, period_s + WEDGE_SLACK_S)
             now = self.clock()
             last = max(self.stats.last_at or entered, entered)
             if now - last > window:
@@ -466,6 +503,61 @@ class VmRunner:
                 self.queue.put_nowait(ProtectTimedOut(armed_at=now - window))
                 return
             await asyncio.sleep(0.5)
+
+    # --- checkpoint policy -----------------------------------------------------------------------
+    async def _drive_checkpoints(self) -> None:
+        """While this host is the protected primary, the policy times the checkpoints."""
+        deadline = self.clock() + 30.0
+        while not self._protected_primary():
+            if self.clock() > deadline or self.view.state not in (
+                *_PAIRING_STATES,
+                State.PROTECTED,
+            ):
+                return
+            await asyncio.sleep(0.1)
+        qmp = self.qmp
+        if qmp is None or not qmp.connected:
+            # QMP loss has its own event; QEMU's timer keeps checkpointing meanwhile.
+            return
+        driver = CheckpointDriver(
+            qmp, self.policy, ram_pages=ram_pages(self.vm.memory_mib), vm=self.vm.name
+        )
+        self.driver = driver
+        task = asyncio.create_task(driver.run(), name=f"vm-{self.vm.name}-checkpoint-policy")
+        try:
+            # The view changes in the event handler, which signals nothing: poll it.
+            while self._protected_primary() and not task.done():  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+        finally:
+            self.driver = None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _protected_primary(self) -> bool:
+        return self.view.state is State.PROTECTED and self.view.role is Role.PRIMARY
+
+    async def set_policy(self, changes: dict[str, object]) -> dict[str, Any]:
+        """Change the checkpoint policy live: ``changes`` are make_policy keys (None: not
+        given); the interval bounds, and the policy's own keys when it stays, are kept.
+
+        Raises:
+            ConfigError: the resulting policy is invalid; nothing changes.
+            QmpError: QEMU did not take the new timer (the policy is changed all the same
+                and QEMU's timer is set again on the next protect).
+        """
+        params = merge_params(self.policy_params, changes)
+        policy = make_policy(params)
+        self.policy_params, self.policy = params, policy
+        self.events.record("vm", f"checkpoint policy set: {policy!r}", vm=self.vm.name)
+        if self.driver is not None:
+            await self.driver.set_policy(policy)
+        return self._policy_status()
+
+    def _policy_status(self) -> dict[str, Any]:
+        if self.driver is not None:
+            return self.driver.status()
+        return {"policy": describe(self.policy), "timer_ms": timer_ms(self.policy)}
 
     async def _failover_to_self(self) -> None:
         started = time.monotonic()
@@ -566,6 +658,8 @@ class VmRunner:
                 elif isinstance(item, Checkpoint):
                     at = self.clock()
                     self.stats.add(at, item)
+                    if self.driver is not None:
+                        self.driver.observe(item)
                     self.queue.put_nowait(
                         CheckpointDone(at=at, pause_ms=(item.pause_s or 0.0) * 1000)
                     )
@@ -611,6 +705,7 @@ class VmRunner:
             self.log.info("no running QEMU to re-attach", reason=str(err))
         if proc is not None:
             self.proc = proc
+            self._attached_at = self.clock()
             plays = view.role.value if view.role is not Role.NONE else proc.role
             await self._connect(proc, plays, from_end=True)
             self.view = dataclasses.replace(view, reason=f"re-attached to QEMU pid {proc.pid}")
@@ -650,13 +745,18 @@ class VmRunner:
             "peer": v.peer,
             "epoch": str(v.epoch),
             "standby": self.vm.standby,
-            "policy": self.vm.checkpoint.policy,
+            "policy": self.policy.name,
+            "checkpoint_policy": self._policy_status(),
             "reason": v.reason,
             "since": v.since,
             "paused": v.paused,
             "quorum": v.quorum,
             "qemu_pid": self.proc.pid if self.proc is not None else None,
-            "checkpoints": self.stats.summary(now),
+            "checkpoints": self.stats.summary(now)
+            | {
+                "policy": self.policy.name,
+                "dirty_rate_mbps": self.driver.dirty_rate_mbps if self.driver else None,
+            },
             "sync": sync,
             "peer_state": self.peer_info,
             "failovers": self.failovers,
@@ -681,9 +781,9 @@ class VmRunner:
         """
         if self.view.state is not State.PROTECTED or self.stream_lost:
             return False, "no COLO link" if not self.stream_lost else "COLO stream closed"
-        interval = (self.vm.checkpoint.interval_ms or 2000) / 1000
+        interval = timer_ms(self.policy) / 1000
         window = 2 * max(interval, self.vm.checkpoint.max_interval_ms / 1000 / 5) + 1.0
-        since = self.stats.last_at if self.stats.last_at is not None else self.view.since
+        since = max(self.stats.last_at or 0.0, self.view.since, self._attached_at)
         if now - since <= window:
             return True, f"checkpoints flowing (last {now - since:.1f}s ago)"
         return False, f"no checkpoint for {now - since:.1f}s"

@@ -1,0 +1,317 @@
+"""``python -m bench.checkpoint_policy [--quick]``: checkpoint policies side by side on one guest.
+
+For each guest workload (``steady``: a constant dirty rate; ``bursty``: bursts of dirtying
+between idle spells), one lab VM is protected once and every policy runs on it in turn for
+the same measuring window, switched live with ``ftctl policy set``:
+
+* ``fixed``: QEMU's periodic checkpoint; the intervals are tried longest first and the
+  longest whose p99 pause meets the pause budget is kept (the best a fixed interval can do
+  within the budget); if none does, the shortest tried is reported with ``meets_budget`` false;
+* ``pause-budget``: checkpoint when the predicted pause reaches the budget;
+* ``dirty-threshold``: checkpoint at the page count the fixed runs' pause fit gives for the
+  budget.
+
+Per run, from the primary QEMU's trace log (every checkpoint starting within the window):
+total, p50 and p99 pause, checkpoint count, and the pages sent times 4 KiB (``bytes_sent``:
+the RAM payload, without device state); from the guest's stats service (TCP 7002) the MiB of
+memory work the guest did in the window (``work_done``): what the pauses cost it.
+
+Progress goes to stderr; the last stdout line is one JSON object keyed by workload then policy
+(``{"steady": {"fixed": {...}, "pause-budget": {...}, ...}, ...}``), each run with
+``total_pause_ms``, ``pause_p50_ms``, ``pause_p99_ms``, ``checkpoints``, ``work_done``,
+``bytes_sent``, plus ``best_adaptive_vs_fixed_pause_ratio``: per workload, the total pause of
+the best adaptive policy (least total pause with its p99 within the budget, else least p99)
+over the fixed one's, and the largest of those under ``"max"`` (below 1: adaptive wins
+everywhere). Exit 0 when every run produced checkpoints, 1 otherwise (``error`` in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftd.checkpoint.model import PAGE_SIZE
+from ftd.checkpoint.policy import percentile
+from ftd.errors import FtError, LabError
+from ftd.qemu.trace import Checkpoint, CheckpointParser
+from lab.clients import STATS_PORT, read_stats
+from lab.cluster import LabCluster, VmPlan
+from lab.image import build_guest
+
+VM = "vm1"
+MEMORY_MIB = 128
+#: Guest workloads: N MiB rewritten per second, continuously or ON s of every ON+OFF s.
+WORKLOADS = {"steady": "steady:6", "bursty": "bursty:16:3:5"}
+BUDGET_MS = 150.0
+MIN_INTERVAL_MS = 300
+MAX_INTERVAL_MS = 10_000
+FIXED_INTERVALS_MS = (8000, 4000, 2000, 1000, 500)
+QUICK_FIXED_INTERVALS_MS = (3000, 1000)
+#: Seconds after a policy switch before measuring: the switch itself starts a checkpoint.
+SETTLE_S = 2.0
+
+
+def progress(line: str) -> None:
+    print(f"bench.checkpoint_policy: {line}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One policy measured over one window."""
+
+    params: dict[str, object]
+    checkpoints: tuple[Checkpoint, ...]
+    window_s: float
+    work_mib: int
+
+    def report(self, budget_ms: float) -> dict[str, Any]:
+        pauses = [c.pause_s * 1000 for c in self.checkpoints if c.pause_s is not None]
+        pages = sum(c.dirty_pages or 0 for c in self.checkpoints)
+        starts = [c.start for c in self.checkpoints]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        p99 = percentile(pauses, 0.99) if pauses else None
+        return {
+            "params": self.params,
+            "total_pause_ms": round(sum(pauses), 1),
+            "pause_p50_ms": None if not pauses else round(percentile(pauses, 0.5), 1),
+            "pause_p99_ms": None if p99 is None else round(p99, 1),
+            "pause_max_ms": None if not pauses else round(max(pauses), 1),
+            "checkpoints": len(self.checkpoints),
+            "work_done": self.work_mib,
+            "bytes_sent": pages * PAGE_SIZE,
+            "window_s": round(self.window_s, 1),
+            "min_gap_ms": None if not gaps else round(min(gaps) * 1000, 1),
+            "meets_budget": p99 is not None and p99 <= budget_ms,
+        }
+
+
+def trace_checkpoints(path: Path, start: float, end: float) -> tuple[Checkpoint, ...]:
+    """The primary's checkpoints that started within [start, end], from its trace log.
+
+    Raises LabError when the log cannot be read.
+    """
+    parser = CheckpointParser("primary")
+    out = []
+    try:
+        with path.open(errors="replace") as f:
+            for line in f:
+                for item in parser.feed(line):
+                    if isinstance(item, Checkpoint) and start <= item.start <= end:
+                        out.append(item)
+    except OSError as err:
+        raise LabError(f"cannot read the trace log {path}: {err}") from err
+    return tuple(out)
+
+
+def pages_for_budget(runs: Sequence[RunResult], budget_ms: float) -> int:
+    """Dirty pages whose pause fits ``budget_ms``, by a least-squares line through the fixed
+    runs' checkpoints (pause against pages); 4096 pages when the fit is degenerate."""
+    pts = [
+        (float(c.dirty_pages), c.pause_s * 1000)
+        for r in runs
+        for c in r.checkpoints
+        if c.dirty_pages is not None and c.pause_s is not None
+    ]
+    if len(pts) < 3:
+        return 4096
+    mx = sum(p for p, _ in pts) / len(pts)
+    my = sum(q for _, q in pts) / len(pts)
+    var = sum((p - mx) ** 2 for p, _ in pts)
+    if var <= 0:
+        return 4096
+    slope = sum((p - mx) * (q - my) for p, q in pts) / var
+    base = my - slope * mx
+    if slope <= 0 or not math.isfinite(slope):
+        return 4096
+    return max(64, int((budget_ms * 0.8 - max(0.0, base)) / slope))
+
+
+class Bench:
+    """One workload's lab VM and the measuring of policies on it."""
+
+    def __init__(self, c: LabCluster, window_s: float, budget_ms: float) -> None:
+        self.c = c
+        self.budget_ms = budget_ms
+        self.window_s = window_s
+
+    def primary(self) -> str:
+        p = self.c.primary_host(VM)
+        if p is None:
+            raise LabError(f"{VM} has no running primary")
+        return p
+
+    async def work(self, wait_s: float = 0.0) -> int:
+        """MiB of memory work the guest has done so far (its stats service), retrying for
+        ``wait_s`` while the guest is still booting. Raises LabError or OSError."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                r, w = await self.c.lab.open_connection(
+                    self.c.client, self.c.vm_address(VM), STATS_PORT
+                )
+                return (await read_stats(r, w, answer_timeout=30)).work_mib
+            except (OSError, LabError):
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.5)
+
+    def set_policy(self, params: dict[str, object]) -> None:
+        args = ["policy", "set", VM]
+        for key, value in params.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        self.c.ftd[self.primary()].ctl(*args)
+
+    async def run(self, params: dict[str, object]) -> RunResult:
+        self.set_policy(params)
+        await asyncio.sleep(SETTLE_S)
+        host = self.primary()
+        trace_log = self.c.lab.workdir / "hosts" / host / "run" / "vms" / VM / "trace.log"
+        work0, t0 = await self.work(), time.time()
+        await asyncio.sleep(self.window_s)
+        work1, t1 = await self.work(), time.time()
+        if self.primary() != host:
+            raise LabError(f"{VM} failed over during the {params} run")
+        # A checkpoint's trace lines end with its pause: give the last one time to finish.
+        await asyncio.sleep(1.0)
+        cps = trace_checkpoints(trace_log, t0, t1)
+        res = RunResult(params, cps, t1 - t0, work1 - work0)
+        rep = res.report(self.budget_ms)
+        progress(
+            f"  {params}: {rep['checkpoints']} checkpoints, total pause {rep['total_pause_ms']} "
+            f"ms, p99 {rep['pause_p99_ms']} ms, work {rep['work_done']} MiB"
+        )
+        return res
+
+
+def wait_protected(c: LabCluster, timeout: float = 180.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = c.primary_host(VM)
+        if p is not None:
+            st = c.vm_status(p, VM)
+            if st["state"] == "protected" and st["checkpoints"]["count"] >= 2:
+                return p
+        time.sleep(0.5)
+    raise LabError(f"{VM} not protected with checkpoints within {timeout}s")
+
+
+async def bench_workload(
+    name: str, workload: str, *, window_s: float, fixed_ms: Sequence[int], budget_ms: float
+) -> dict[str, Any]:
+    progress(f"{name} ({workload}): building the lab and protecting {VM}")
+    plan = VmPlan(
+        VM,
+        "a",
+        "b",
+        workloads=(workload,),
+        memory_mib=MEMORY_MIB,
+        checkpoint={
+            "policy": "fixed",
+            "interval_ms": 2000,
+            "min_interval_ms": MIN_INTERVAL_MS,
+            "max_interval_ms": MAX_INTERVAL_MS,
+        },
+    )
+    with LabCluster([plan], guest=build_guest()) as c:
+        c.ftd["a"].ctl("protect", VM)
+        wait_protected(c)
+        b = Bench(c, window_s, budget_ms)
+        await b.work(wait_s=120.0)
+        fixed_runs: list[RunResult] = []
+        chosen: RunResult | None = None
+        for interval in fixed_ms:
+            r = await b.run({"policy": "fixed", "interval_ms": interval})
+            fixed_runs.append(r)
+            if r.report(budget_ms)["meets_budget"]:
+                chosen = r
+                break
+        if chosen is None:
+            chosen = fixed_runs[-1]
+        pages = pages_for_budget(fixed_runs, budget_ms)
+        adaptive = {
+            "pause-budget": await b.run({"policy": "pause-budget", "pause_budget_ms": budget_ms}),
+            "dirty-threshold": await b.run({"policy": "dirty-threshold", "dirty_pages": pages}),
+        }
+    out: dict[str, Any] = {"fixed": chosen.report(budget_ms)}
+    out["fixed"]["tried"] = [r.report(budget_ms) for r in fixed_runs]
+    for k, r in adaptive.items():
+        out[k] = r.report(budget_ms)
+    return out
+
+
+def pause_ratio(results: dict[str, Any]) -> float | None:
+    """Best adaptive total pause over fixed's (see the module docstring); None without data."""
+    fixed = results["fixed"]["total_pause_ms"]
+    runs = [results[k] for k in ("pause-budget", "dirty-threshold") if results[k]["checkpoints"]]
+    if not fixed or not runs:
+        return None
+    within = [r for r in runs if r["meets_budget"]]
+    best = (
+        min(within, key=lambda r: r["total_pause_ms"])
+        if within
+        else min(runs, key=lambda r: r["pause_p99_ms"])
+    )
+    return round(float(best["total_pause_ms"]) / float(fixed), 3)
+
+
+async def main_async(quick: bool, workloads: Sequence[str], budget_ms: float) -> dict[str, Any]:
+    window_s = 15.0 if quick else 60.0
+    fixed_ms = QUICK_FIXED_INTERVALS_MS if quick else FIXED_INTERVALS_MS
+    out: dict[str, Any] = {}
+    for name in workloads:
+        out[name] = await bench_workload(
+            name, WORKLOADS[name], window_s=window_s, fixed_ms=fixed_ms, budget_ms=budget_ms
+        )
+    ratios = {name: pause_ratio(out[name]) for name in workloads}
+    known = [r for r in ratios.values() if r is not None]
+    out["best_adaptive_vs_fixed_pause_ratio"] = ratios | {"max": max(known) if known else None}
+    out["budget_ms"] = budget_ms
+    out["window_s"] = window_s
+    out["quick"] = quick
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.checkpoint_policy", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="short windows, two fixed intervals")
+    ap.add_argument(
+        "--budget-ms", type=float, default=BUDGET_MS, help=f"pause budget (default {BUDGET_MS:g})"
+    )
+    ap.add_argument(
+        "--workload",
+        action="append",
+        choices=list(WORKLOADS),
+        help="only this workload (repeatable; default: all)",
+    )
+    args = ap.parse_args(argv)
+    workloads = args.workload or list(WORKLOADS)
+    started = time.monotonic()
+    try:
+        out = asyncio.run(main_async(args.quick, workloads, args.budget_ms))
+    except (FtError, OSError) as err:
+        print(json.dumps({"error": str(err)}))
+        return 1
+    out["elapsed_s"] = round(time.monotonic() - started, 1)
+    empty = [
+        f"{w}/{p}"
+        for w in workloads
+        for p in ("fixed", "pause-budget", "dirty-threshold")
+        if not out[w][p]["checkpoints"]
+    ]
+    if empty:
+        out["error"] = f"no checkpoints in: {', '.join(empty)}"
+    print(json.dumps(out))
+    return 1 if empty else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

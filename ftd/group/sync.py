@@ -1,0 +1,403 @@
+"""The group synchronizer's I/O: the daemon's ``group-sync`` task.
+
+Every host that runs a member of a group takes part:
+
+* election: each tick it runs :func:`ftd.group.lease.elect`; the holder renews the retained
+  lease record;
+* the holder proposes an epoch every ``epoch_interval_ms`` and settles it (commit or failure)
+  from the acks, within ``epoch_timeout_ms``;
+* a host running a member's primary answers a proposal: it triggers a COLO checkpoint on
+  demand (``x-checkpoint-delay``, shared/COLO.md) and acks once the trace shows the next
+  checkpoint done;
+* every host records the last committed epoch (retained record) and applies the group policy
+  (:mod:`ftd.group.policy`) to its local primaries when it sees a member fail over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ftd.bus import Bus, VmState
+from ftd.bus.messages import Message, topic_group
+from ftd.config.schema import Config, Group
+from ftd.control.events import EventLog
+from ftd.errors import FtError, QemuError, RequestError, StateError
+from ftd.group import epoch as ep
+from ftd.group.lease import Lease, elect
+from ftd.group.messages import (
+    ACK,
+    COMMITTED,
+    EPOCH,
+    FAILED,
+    LEASE,
+    ORDER,
+    EpochAck,
+    EpochCommitted,
+    EpochFailed,
+    EpochPropose,
+    GroupLease,
+    GroupOrder,
+)
+from ftd.group.policy import on_member_failover, took_over
+from ftd.log import get_logger
+from ftd.qemu import colo
+from ftd.vm.machine import FailoverRequested, ReprotectRequested, Role, State
+from ftd.vm.runner import VmRunner
+
+TICK_S = 0.1
+#: Before claiming a lease, wait this long for the retained record of the current holder.
+SETTLE_S = 1.0
+
+
+@dataclass
+class GroupState:
+    """What this host knows about one group."""
+
+    group: Group
+    lease: Lease | None = None
+    synchronizer: str | None = None
+    election_reason: str = ""
+    renewed_at: float = 0.0
+    committed: int = 0
+    committed_at: float | None = None
+    commit_took_ms: float | None = None
+    proposed_seen: int = 0
+    round: ep.Round | None = None
+    last_proposed_at: float = 0.0
+    last_failure: str | None = None
+    failed_epochs: int = 0
+    generations: dict[str, int] = field(default_factory=dict)
+    ordered: dict[str, float] = field(default_factory=dict)
+    last_policy: str | None = None
+
+
+async def checkpoint_now(runner: VmRunner, timeout_s: float) -> float:
+    """Trigger a COLO checkpoint of ``runner``'s primary and wait until the trace shows the
+    next checkpoint done; returns the seconds it took.
+
+    Raises StateError when the VM is not a protected primary here or no checkpoint completes
+    within ``timeout_s``; QemuError/QmpError when QEMU cannot be asked.
+    """
+    v = runner.view
+    if v.role is not Role.PRIMARY or v.state is not State.PROTECTED:
+        raise StateError(f"{runner.vm.name} is not a protected primary here ({v.state})")
+    qmp = runner.qmp
+    if qmp is None or not qmp.connected:
+        raise QemuError(f"{runner.vm.name}: no QMP connection to the local QEMU")
+    stats = runner.stats
+    before = stats.count
+    started = time.monotonic()
+    await colo.request_checkpoint(qmp, runner.vm.checkpoint.interval_ms or 2000)
+    while runner.stats is stats and stats.count <= before:
+        if time.monotonic() - started > timeout_s:
+            raise StateError(f"{runner.vm.name}: no checkpoint completed within {timeout_s:.1f}s")
+        await asyncio.sleep(0.01)
+    if runner.stats is not stats:
+        raise StateError(f"{runner.vm.name}: QEMU was relaunched during the checkpoint")
+    return time.monotonic() - started
+
+
+class GroupSync:
+    """The group synchronizer and member side for every group with a member on this host."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        bus: Bus,
+        runners: Mapping[str, VmRunner],
+        events: EventLog,
+        alive: Callable[[str], bool],
+        *,
+        clock: Callable[[], float] = time.time,
+        checkpoint: Callable[[VmRunner, float], Awaitable[float]] = checkpoint_now,
+    ) -> None:
+        self.cfg = cfg
+        self.checkpoint = checkpoint
+        self.host = cfg.host
+        self.bus = bus
+        self.runners = runners
+        self.events = events
+        self.alive = alive
+        self.clock = clock
+        self.log = get_logger(host=cfg.host)
+        self.lease_s = max(2.0, 2 * cfg.cluster.peer_timeout_ms / 1000)
+        self.groups: dict[str, GroupState] = {
+            g.name: GroupState(g) for g in cfg.groups if self.host in self._candidates(g)
+        }
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = time.monotonic()
+        # Set by an ack, so an epoch settles as soon as its last ack arrives, not a tick later.
+        self._wake = asyncio.Event()
+
+    def _candidates(self, g: Group) -> set[str]:
+        hosts: set[str] = set()
+        for vm in self.cfg.vms:
+            if vm.name in g.members:
+                hosts.update((vm.primary, vm.secondary))
+        return hosts
+
+    @staticmethod
+    def patterns() -> list[str]:
+        return ["group/#"]
+
+    # --- the task --------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Elect, renew, propose and settle epochs, forever. Raises only on a bus failure."""
+        self._started = time.monotonic()
+        try:
+            while True:
+                if time.monotonic() - self._started >= SETTLE_S:
+                    for gs in self.groups.values():
+                        await self._tick(gs)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), TICK_S)
+                self._wake.clear()
+        finally:
+            for t in list(self._tasks):
+                t.cancel()
+
+    async def _tick(self, gs: GroupState) -> None:
+        g = gs.group
+        now = self.clock()
+        live = [h for h in self._candidates(g) if self.alive(h)]
+        e = elect(
+            g.name,
+            self.host,
+            self._candidates(g),
+            live,
+            current=gs.lease,
+            now=now,
+            lease_s=self.lease_s,
+        )
+        if e.holder != gs.synchronizer:
+            self.events.record(
+                "group", f"group {g.name}: synchronizer {e.holder}: {e.reason}", group=g.name
+            )
+            gs.synchronizer = e.holder
+            if e.holder != self.host:
+                gs.round = None
+        gs.election_reason = e.reason
+        if e.publish is None:
+            return
+        if gs.lease != e.publish and now - gs.renewed_at >= self.lease_s / 3:
+            gs.lease = e.publish
+            gs.renewed_at = now
+            lease = e.publish
+            await self.bus.publish(
+                topic_group(g.name, LEASE),
+                GroupLease(
+                    group=g.name, holder=lease.holder, expires_at=lease.expires_at, term=lease.term
+                ),
+                retain=True,
+                timeout_s=0.5,
+            )
+        await self._drive_epoch(gs, now)
+
+    async def _drive_epoch(self, gs: GroupState, now: float) -> None:
+        g = gs.group
+        if gs.round is not None:
+            out = ep.settle(gs.round, now)
+            if out is None:
+                return
+            gs.round = None
+            if out.result == "committed":
+                await self.bus.publish(
+                    topic_group(g.name, COMMITTED),
+                    EpochCommitted(
+                        group=g.name,
+                        epoch_no=out.epoch,
+                        members=sorted(g.members),
+                        committed_at=now,
+                        took_ms=round(out.took_s * 1000, 1),
+                    ),
+                    retain=True,
+                    timeout_s=1.0,
+                )
+            else:
+                await self.bus.publish(
+                    topic_group(g.name, FAILED),
+                    EpochFailed(
+                        group=g.name,
+                        epoch_no=out.epoch,
+                        reason=out.reason[:1000],
+                        missing=list(out.missing),
+                    ),
+                    timeout_s=1.0,
+                )
+            return
+        if now - gs.last_proposed_at < g.epoch_interval_ms / 1000:
+            return
+        n = ep.next_epoch(gs.committed, gs.proposed_seen)
+        gs.round = ep.propose(g.name, n, g.members, now, g.epoch_timeout_ms / 1000)
+        gs.last_proposed_at = now
+        gs.proposed_seen = max(gs.proposed_seen, n)
+        await self.bus.publish(
+            topic_group(g.name, EPOCH),
+            EpochPropose(
+                group=g.name, epoch_no=n, members=sorted(g.members), timeout_ms=g.epoch_timeout_ms
+            ),
+            timeout_s=1.0,
+        )
+
+    # --- inbound -------------------------------------------------------------------------
+    def on_message(self, msg: Message) -> None:
+        """A message from a ``group/...`` topic (called by the daemon's bus reader)."""
+        gs = self.groups.get(str(getattr(msg, "group", "")))
+        if gs is None:
+            return
+        now = self.clock()
+        g = gs.group.name
+        match msg:
+            case GroupLease():
+                try:
+                    gs.lease = Lease(g, msg.holder, msg.expires_at, msg.term)
+                except StateError as err:
+                    self.log.warning("group lease dropped", group=g, error=str(err))
+            case EpochPropose():
+                gs.proposed_seen = max(gs.proposed_seen, msg.epoch_no)
+                for vm in msg.members:
+                    r = self.runners.get(vm)
+                    if r is not None and r.view.role is Role.PRIMARY:
+                        self._spawn(
+                            f"group-{g}-ack-{vm}", self._ack(g, msg.epoch_no, r, msg.timeout_ms)
+                        )
+            case EpochAck():
+                if gs.round is not None:
+                    ack = ep.Ack(msg.vm, msg.epoch_no, msg.ok, msg.reason)
+                    gs.round, why = ep.on_ack(gs.round, ack, now)
+                    self.log.debug("group ack", group=g, reason=why)
+                    self._wake.set()
+            case EpochCommitted():
+                if msg.epoch_no > gs.committed:
+                    gs.committed = msg.epoch_no
+                    gs.committed_at = msg.committed_at
+                    gs.commit_took_ms = msg.took_ms
+                    self.log.info(
+                        "group epoch committed", group=g, epoch=msg.epoch_no, took_ms=msg.took_ms
+                    )
+            case EpochFailed():
+                gs.failed_epochs += 1
+                gs.last_failure = msg.reason
+                self.events.record("group", msg.reason, "warning", group=g, epoch=msg.epoch_no)
+            case GroupOrder():
+                self._apply_order(gs, msg.reason or f"group order from {msg.host}")
+
+    async def _ack(self, group: str, epoch_no: int, runner: VmRunner, timeout_ms: int) -> None:
+        try:
+            took = await self.checkpoint(runner, timeout_ms / 1000)
+            ok, reason = True, f"checkpoint done in {took * 1000:.0f}ms"
+        except FtError as err:
+            ok, reason = False, str(err)[:1000]
+        await self.bus.publish(
+            topic_group(group, ACK),
+            EpochAck(group=group, epoch_no=epoch_no, vm=runner.vm.name, ok=ok, reason=reason),
+            timeout_s=1.0,
+        )
+
+    def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def on_vm_state(self, msg: VmState) -> None:
+        """A member's published state: apply the group policy when it shows a takeover."""
+        grp = self.cfg.group_of(msg.vm)
+        gs = self.groups.get(grp.name) if grp is not None else None
+        if gs is None:
+            return
+        last = gs.generations.get(msg.vm)
+        kind = took_over(last, msg.generation, msg.role, msg.state)
+        gs.generations[msg.vm] = max(last or 0, msg.generation)
+        if kind != "takeover":
+            return
+        now = self.clock()
+        g = gs.group
+        d = on_member_failover(
+            g.name, g.policy, g.members, msg.vm, ordered=dict(gs.ordered), now=now
+        )
+        gs.ordered.pop(msg.vm, None)
+        for order in d.orders:
+            gs.ordered[order.vm] = now
+        gs.last_policy = d.reason
+        applied = []
+        for order in d.orders:
+            r = self.runners.get(order.vm)
+            if r is not None and r.view.role is Role.PRIMARY:
+                r.feed(FailoverRequested(manual=False))
+                applied.append(order.vm)
+        here = f" (ordered here: {', '.join(applied)})" if applied else ""
+        self.events.record("group", f"group {g.name}: {d.reason}{here}", group=g.name)
+        if g.policy == "rollback":
+            mine = self.runners.get(msg.vm)
+            if mine is not None and msg.host == self.host:
+                self._spawn(f"group-{g.name}-reprotect-{msg.vm}", self._reprotect_later(mine))
+
+    async def _reprotect_later(self, runner: VmRunner) -> None:
+        """Rollback keeps every member protected: once the new primary runs unprotected, ask
+        for a secondary in the reverse direction."""
+        for _ in range(600):
+            if runner.view.state is State.RUNNING_UNPROTECTED:
+                runner.feed(ReprotectRequested())
+                return
+            await asyncio.sleep(0.1)
+
+    # --- operator ------------------------------------------------------------------------
+    def _apply_order(self, gs: GroupState, reason: str) -> None:
+        applied = []
+        for vm in gs.group.members:
+            r = self.runners.get(vm)
+            if r is not None and r.view.role is Role.PRIMARY:
+                r.feed(FailoverRequested(manual=False))
+                applied.append(vm)
+        gs.last_policy = reason
+        where = ", ".join(applied) or "no local primary"
+        self.events.record(
+            "group", f"group {gs.group.name}: {reason} ({where})", group=gs.group.name
+        )
+
+    async def failover(self, group: str) -> dict[str, Any]:
+        """Order every member of ``group`` to fail over (``ftctl failover --group``).
+
+        Raises RequestError for an unknown group or when the order could not be sent.
+        """
+        gs = self.groups.get(group)
+        if gs is None:
+            known = ", ".join(sorted(self.groups)) or "none"
+            raise RequestError(f"no group {group!r} on host {self.host} (groups here: {known})")
+        reason = f"group failover requested by the operator on {self.host}"
+        ok = await self.bus.publish(
+            topic_group(group, ORDER), GroupOrder(group=group, op="failover", reason=reason)
+        )
+        if not ok:
+            raise RequestError(f"group {group}: the order was not acknowledged by the broker")
+        return {"group": group, "reason": reason, "members": list(gs.group.members)}
+
+    def status(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        out = []
+        for gs in self.groups.values():
+            g = gs.group
+            out.append(
+                {
+                    "group": g.name,
+                    "policy": g.policy,
+                    "members": list(g.members),
+                    "committed_epoch": gs.committed,
+                    "committed_age_s": None
+                    if gs.committed_at is None
+                    else round(now - gs.committed_at, 1),
+                    "commit_took_ms": gs.commit_took_ms,
+                    "synchronizer": gs.synchronizer,
+                    "election": gs.election_reason,
+                    "epoch_in_flight": None if gs.round is None else gs.round.epoch,
+                    "failed_epochs": gs.failed_epochs,
+                    "last_failure": gs.last_failure,
+                    "last_policy": gs.last_policy,
+                }
+            )
+        return out

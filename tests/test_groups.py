@@ -1,0 +1,182 @@
+"""A group of two protected VMs across lab hosts a and b (one primary on each), with real
+QEMU COLO (TCG), real mosquitto and ftd daemons in network namespaces.
+
+In order, on one cluster: the synchronizer is elected and epochs commit while all is well; a
+member whose primary QEMU is frozen makes an epoch fail (reported, not committed); then
+``kill -9`` of one member's primary QEMU under policy failover-all moves both members to their
+former secondaries without losing an acknowledged disk record on either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from lab.clients import DISK_PORT, DiskWriterClient
+from lab.cluster import LabCluster, VmPlan
+from lab.image import build_guest
+
+pytestmark = pytest.mark.real
+GROUP = "app"
+PLANS = [
+    VmPlan("vm1", "a", "b", workloads=("disk",)),
+    VmPlan("vm2", "b", "a", workloads=("disk",)),
+]
+PRIMARY = {"vm1": "a", "vm2": "b"}
+GROUP_CFG = {
+    "name": GROUP,
+    "members": ["vm1", "vm2"],
+    "policy": "failover-all",
+    "epoch_interval_ms": 3000,
+    "epoch_timeout_ms": 2500,
+}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LabCluster]:
+    with LabCluster(PLANS, guest=build_guest(), groups=[GROUP_CFG]) as c:
+        for vm, host in PRIMARY.items():
+            c.ftd[host].ctl("protect", vm)
+        for vm, host in PRIMARY.items():
+            c.wait_vm(host, vm, lambda v: v["state"] == "protected", 240, "protected")
+        yield c
+
+
+def groups(c: LabCluster, host: str) -> dict[str, Any]:
+    out = json.loads(c.ftd[host].ctl("groups", "--json").stdout)
+    assert isinstance(out, list) and len(out) == 1, out
+    return dict(out[0])
+
+
+def wait_group(c: LabCluster, host: str, pred: Any, timeout: float, what: str) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        last = groups(c, host)
+        if pred(last):
+            return last
+        time.sleep(0.3)
+    raise AssertionError(
+        f"group on {host} never {what} in {timeout}s; last {last}\n"
+        f"{c.ftd[host].ctl('events', '-n', '30').stdout}"
+    )
+
+
+def test_synchronizer_elected_and_epochs_commit(cluster: LabCluster) -> None:
+    first = wait_group(cluster, "a", lambda g: g["committed_epoch"] >= 1, 60, "committed")
+    n = first["committed_epoch"]
+    g = wait_group(cluster, "a", lambda g: g["committed_epoch"] >= n + 2, 30, "committed 2 more")
+    gb = wait_group(cluster, "b", lambda x: x["committed_epoch"] >= n + 2, 10, "committed on b")
+    # One synchronizer, the same for every member host: the lowest-named live one.
+    assert g["synchronizer"] == gb["synchronizer"] == "a"
+    assert g["policy"] == "failover-all" and g["members"] == ["vm1", "vm2"]
+    assert g["commit_took_ms"] is not None and 0 < g["commit_took_ms"] < 2500
+    table = cluster.ftd["b"].ctl("groups").stdout
+    assert "SYNCHRONIZER" in table and GROUP in table and "vm1,vm2" in table
+    print(f"\nepoch commit took {g['commit_took_ms']:.0f}ms (epoch {g['committed_epoch']})")
+
+
+def test_frozen_member_fails_the_epoch(cluster: LabCluster) -> None:
+    before = groups(cluster, "a")
+    pid = cluster.vm_status("b", "vm2")["qemu_pid"]
+    assert isinstance(pid, int)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        g = wait_group(
+            cluster, "a", lambda g: g["failed_epochs"] > before["failed_epochs"], 15, "failed"
+        )
+        frozen_at = groups(cluster, "a")["committed_epoch"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert "vm2" in (g["last_failure"] or ""), g
+    events = json.loads(cluster.ftd["a"].ctl("events", "--json", "-n", "200").stdout)
+    failures = [e for e in events if e.get("group") == GROUP and e["severity"] == "warning"]
+    assert any("vm2" in e["message"] for e in failures), events[-20:]
+    # The failed epoch is not counted; once the member answers again, epochs commit again.
+    wait_group(cluster, "a", lambda g: g["committed_epoch"] > frozen_at, 30, "recovered")
+
+
+async def test_failover_all_moves_every_member(cluster: LabCluster) -> None:
+    for vm, host in PRIMARY.items():
+        cluster.wait_vm(host, vm, lambda v: v["state"] == "protected", 60, "protected")
+    writers: dict[str, DiskWriterClient] = {}
+    tasks = []
+    for i, vm in enumerate(PRIMARY):
+        reader, writer = await cluster.lab.open_connection(
+            cluster.client, cluster.vm_address(vm), DISK_PORT
+        )
+        start = int(time.time() * 10) % 100000 + 1 + 50000 * i
+        writers[vm] = DiskWriterClient(reader, writer, start=start, rate=10, answer_timeout=60)
+        tasks.append(asyncio.create_task(writers[vm].run(), name=f"disk-{vm}"))
+    try:
+        deadline = time.monotonic() + 60
+        while any(len(w.acked) < 10 for w in writers.values()):
+            assert time.monotonic() < deadline, {v: w.error for v, w in writers.items()}
+            await asyncio.sleep(0.1)
+        acked_before = {vm: w.last_acked for vm, w in writers.items()}
+        pid = cluster.vm_status("a", "vm1")["qemu_pid"]
+        assert isinstance(pid, int)
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        # Both members end up primary on their former secondaries.
+        moved = {}
+        for vm, host in PRIMARY.items():
+            new = "b" if host == "a" else "a"
+            st = cluster.wait_vm(new, vm, lambda v: v["role"] == "primary", 60, "took over")
+            moved[vm] = time.monotonic() - killed
+            assert st["state"] in (
+                "failing_over",
+                "running_unprotected",
+                "reprotecting",
+                "syncing",
+                "protected",
+            ), st
+        for vm, w in writers.items():
+            n = len(w.acked)
+            deadline = time.monotonic() + 60
+            while len(w.acked) < n + 3:
+                assert time.monotonic() < deadline, f"{vm}: no ack after failover: {w.error}"
+                await asyncio.sleep(0.1)
+            assert w.error is None, w.error
+            before = acked_before[vm]
+            assert before is not None
+            check = await w.verify(w.acked[0].sector, before)
+            assert check.ok, f"{vm}: acknowledged records missing on the survivor: {check}"
+        events = json.loads(cluster.ftd["b"].ctl("events", "--json", "-n", "300").stdout)
+        assert any(
+            e.get("group") == GROUP and "policy failover-all" in e["message"] for e in events
+        ), events[-20:]
+        print(f"\nfailover-all: members primary on their former secondaries after {moved}")
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for w in writers.values():
+            w.abort()
+
+
+def test_ftctl_failover_group_moves_every_member(cluster: LabCluster) -> None:
+    # After the previous test every member reprotects where it now runs.
+    where = {}
+    for vm in PRIMARY:
+        deadline = time.monotonic() + 180
+        while (h := cluster.primary_host(vm)) is None or any(
+            cluster.vm_status(x, vm)["state"] != "protected" for x in ("a", "b")
+        ):
+            assert time.monotonic() < deadline, f"{vm} not protected again"
+            time.sleep(0.3)
+        where[vm] = h
+    out = json.loads(cluster.ftd["a"].ctl("failover", "--group", GROUP, "--json").stdout)
+    assert out["group"] == GROUP and out["members"] == ["vm1", "vm2"]
+    for vm, h in where.items():
+        new = "b" if h == "a" else "a"
+        cluster.wait_vm(new, vm, lambda v: v["role"] == "primary", 60, "took over")
+    r = cluster.ftd["a"].ctl("failover", "--group", "nosuchgroup", check=False)
+    assert r.returncode == 2 and "no group 'nosuchgroup'" in r.stderr
