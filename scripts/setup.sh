@@ -12,7 +12,7 @@ step() { printf '==> %s\n' "$*" >&2; }
 [ "$(id -u)" -eq 0 ] || { echo "make setup must run as root (it installs packages and builds namespaces)" >&2; exit 1; }
 
 pkgs=(mosquitto mosquitto-clients busybox-static linux-image-amd64 debootstrap iproute2
-      bridge-utils iptables nftables libvirt-daemon-system libvirt-dev pkg-config gcc cpio
+      bridge-utils iptables nftables kmod openssl procps libvirt-daemon-system libvirt-dev pkg-config gcc cpio
       systemd python3-venv vagrant vagrant-libvirt)
 missing=()
 for p in "${pkgs[@]}"; do
