@@ -113,7 +113,7 @@ from ftd.vm.machine import (
     VmView,
     decide,
 )
-from lab.broker import MQTT_DISCONNECT, Broker
+from lab.broker import MQTT_DISCONNECT, Broker, mqtt_string, mqtt_varint
 
 CLUSTER = "bench"
 PREFIX = "ftd"
@@ -274,22 +274,12 @@ def summary(values: Sequence[float]) -> dict[str, float] | None:
 # --- MQTT 5 packets for the light hosts --------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _utf8(text: str) -> bytes:
-    data = text.encode()
-    return len(data).to_bytes(2, "big") + data
+    return mqtt_string(text.encode())
 
 
 def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
+    return bytes([first]) + mqtt_varint(len(body)) + body
 
 
 def mqtt_connect(client_id: str, keepalive_s: int, will_topic: str, will: bytes) -> bytes:
@@ -784,15 +774,6 @@ class Observer:
 # --- broker counters ----------------------------------------------------------------------------
 
 
-class BenchBroker(Broker):
-    """The lab broker with its ``$SYS`` counters refreshed every second."""
-
-    def _write_config(self) -> Path:
-        conf = super()._write_config()
-        conf.write_text(conf.read_text() + "sys_interval 1\n")
-        return conf
-
-
 SYS_TOPIC = "$SYS/broker/publish/messages/+"
 
 
@@ -1115,7 +1096,8 @@ def raise_priority(pids: Sequence[int]) -> bool:
 
 async def run_bench(settings: Settings) -> dict[str, Any]:
     """Start a broker, run the benchmark, stop the broker.  Raises BenchError, LabError."""
-    with BenchBroker.local() as broker:
+    # $SYS counters refreshed every second: the bench's view of the broker's load.
+    with Broker.local(extra_config=["sys_interval 1"]) as broker:
         assert broker.pid is not None
         prioritized = raise_priority([broker.pid, 0])
         if not prioritized:

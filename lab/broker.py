@@ -35,7 +35,7 @@ import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -58,11 +58,13 @@ _TOPIC_PREFIX_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _DENIED_RE = re.compile(r"Denied PUBLISH from (\S+) \(d\d, q(\d), r(\d), m\d+, '([^']*)'")
 
 
-def _mqtt_string(data: bytes) -> bytes:
+def mqtt_string(data: bytes) -> bytes:
+    """An MQTT length-prefixed string (or binary data)."""
     return len(data).to_bytes(2, "big") + data
 
 
-def _remaining_length(n: int) -> bytes:
+def mqtt_varint(n: int) -> bytes:
+    """An MQTT variable byte integer (remaining length, property lengths)."""
     out = bytearray()
     while True:
         n, digit = divmod(n, 128)
@@ -84,12 +86,12 @@ def mqtt5_connect_packet(
     if password is not None and username is None:
         raise LabError("an MQTT password needs a user name")
     flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
-    body = b"\x00\x04MQTT\x05" + bytes([flags]) + b"\x00\x0a\x00" + _mqtt_string(cid)
+    body = b"\x00\x04MQTT\x05" + bytes([flags]) + b"\x00\x0a\x00" + mqtt_string(cid)
     if username is not None:
-        body += _mqtt_string(username.encode())
+        body += mqtt_string(username.encode())
     if password is not None:
-        body += _mqtt_string(password.encode())
-    return b"\x10" + _remaining_length(len(body)) + body
+        body += mqtt_string(password.encode())
+    return b"\x10" + mqtt_varint(len(body)) + body
 
 
 def check_connack(data: bytes) -> None:
@@ -185,10 +187,12 @@ class Broker:
         *,
         port: int | None = None,
         security: BrokerSecurity | None = None,
+        extra_config: Sequence[str] = (),
     ) -> None:
         """A broker in ``lab``'s ``host`` (or, with ``lab=None``, on 127.0.0.1; see ``local``).
 
-        The port defaults to 1883, or 8883 with ``security``.  Nothing runs until ``start()``.
+        The port defaults to 1883, or 8883 with ``security``; ``extra_config`` lines are added
+        to mosquitto's configuration.  Nothing runs until ``start()``.
         Raises LabError when ``host`` is not in the lab or the port is out of range.
         """
         if port is None:
@@ -196,6 +200,7 @@ class Broker:
         if not 0 <= port <= 65535:
             raise LabError(f"bad broker port {port}")
         self.security = security
+        self.extra_config = list(extra_config)
         self._lab = lab
         self.host = host
         if lab is not None:
@@ -213,12 +218,18 @@ class Broker:
         self._probe_identity: Identity | None = None
 
     @classmethod
-    def local(cls, port: int = 0, *, security: BrokerSecurity | None = None) -> Broker:
+    def local(
+        cls,
+        port: int = 0,
+        *,
+        security: BrokerSecurity | None = None,
+        extra_config: Sequence[str] = (),
+    ) -> Broker:
         """A broker on 127.0.0.1 of the calling namespace; ``port=0`` picks a free port.
 
         Not started: use ``start()`` or ``with``.  Raises LabError for a bad port.
         """
-        return cls(None, "local", port=port, security=security)
+        return cls(None, "local", port=port, security=security, extra_config=extra_config)
 
     def __enter__(self) -> Broker:
         if not self.running:
@@ -301,7 +312,7 @@ class Broker:
         else:
             lines = self._secure_config()
             logging.append("log_type debug")
-        conf.write_text("\n".join([*lines, "persistence false", *logging, ""]))
+        conf.write_text("\n".join([*lines, "persistence false", *logging, *self.extra_config, ""]))
         return conf
 
     def _secure_config(self) -> list[str]:
