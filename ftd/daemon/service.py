@@ -28,7 +28,7 @@ from ftd.cluster.fencing import (
     fencing_plan,
     make_agent,
 )
-from ftd.cluster.membership import Member, Membership
+from ftd.cluster.membership import Member, Membership, QuorumVerdict
 from ftd.config import Config, load_config
 from ftd.control.events import EventLog
 from ftd.control.metrics import MetricsServer
@@ -109,6 +109,7 @@ class Daemon:
         self._quorum_held: bool | None = None
         self._last_auto_reprotect: dict[str, float] = {}
         self.group_sync: GroupSync | None = None
+        self.direct: DirectHeartbeats | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     async def run(self) -> int:
@@ -123,7 +124,6 @@ class Daemon:
                 self.cfg.control.metrics_address, self.cfg.control.metrics_port, self.status
             )
             await self.metrics.start()
-        self.direct: DirectHeartbeats | None = None
         if self.cfg.cluster.heartbeat_port:
             self.direct = DirectHeartbeats(
                 self.cfg.host,
@@ -288,8 +288,8 @@ class Daemon:
         grace_until = time.monotonic() + self.cfg.cluster.peer_timeout_ms / 1000
         while True:
             now = time.monotonic()
-            connected = bool(self.bus and self.bus.connected)
-            q = self.membership.quorum(now, connected, self.cfg.cluster.allow_two_node)
+            connected = self._bus_connected()
+            q = self._quorum(now)
             if q.has_quorum != self._quorum_held:
                 self._quorum_held = q.has_quorum
                 self.events.record(
@@ -509,9 +509,7 @@ class Daemon:
 
     async def _op_hosts(self, args: dict[str, Any]) -> Any:
         now = time.monotonic()
-        q = self.membership.quorum(
-            now, bool(self.bus and self.bus.connected), self.cfg.cluster.allow_two_node
-        )
+        q = self._quorum(now)
         rows = []
         for h in self.cfg.cluster.hosts:
             if h.name == self.cfg.host:
@@ -564,10 +562,17 @@ class Daemon:
     def _op_events_follow(self, args: dict[str, Any]) -> Any:
         return self.events.follow(int(args.get("limit", 20)))
 
+    def _bus_connected(self) -> bool:
+        return self.bus is not None and self.bus.connected
+
+    def _quorum(self, now: float) -> QuorumVerdict:
+        """This host's quorum verdict now (the detector, status and hosts all ask it)."""
+        return self.membership.quorum(now, self._bus_connected(), self.cfg.cluster.allow_two_node)
+
     def _bus_status(self) -> dict[str, Any]:
         bus = self.bus
         out: dict[str, Any] = {"brokers": [str(u) for u in self.cfg.bus.brokers]}
-        out["connected"] = bool(bus is not None and bus.connected)
+        out["connected"] = self._bus_connected()
         if bus is not None:
             out["connects"] = bus.stats.connects
             out["dropped"] = bus.stats.dropped
@@ -576,9 +581,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         cfg = self.cfg
         now = time.monotonic()
-        q = self.membership.quorum(
-            now, bool(self.bus and self.bus.connected), cfg.cluster.allow_two_node
-        )
+        q = self._quorum(now)
         return {
             "host": cfg.host,
             "cluster": cfg.cluster.name,
