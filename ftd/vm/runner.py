@@ -490,6 +490,7 @@ class VmRunner:
 
     async def _resync(self) -> None:
         await self._settle_before_pairing()
+
         def progress(p: colo.ColoProgress) -> None:
             if p.total_bytes:
                 self.queue.put_nowait(ResyncProgress(p.done_bytes or 0, p.total_bytes))
