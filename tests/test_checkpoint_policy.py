@@ -692,3 +692,17 @@ def test_adaptive_beats_longest_fixed_interval_on_bursty_trace(
     assert threshold.total_pause_ms < fixed.total_pause_ms
     assert late_wide.p99 <= budget
     assert late_wide.total_pause_ms < fixed.total_pause_ms
+
+
+def test_threshold_at_guest_ram_fires_instead_of_spinning() -> None:
+    # Found by hypothesis: with a learnt correction below 1 the corrected estimate used to
+    # stall just under guest RAM while the policy, extrapolating, saw RAM reached any moment,
+    # so it asked to be woken again every microsecond (a busy loop in the daemon).
+    policy = DirtyThreshold(24322, min_interval_ms=10, max_interval_ms=2877)
+    trace = [(0.0, 0.0), (2.5, 252.0), (3.5, 0.0)]
+    result = simulate(policy, trace, linear_pause(0, 0), 24322, max_steps=20_000)
+    assert [c.reason for c in result.checkpoints] == [
+        "max interval 2877 ms reached",
+        "dirty pages 24322 >= threshold 24322",
+    ]
+    assert result.checkpoints[1].at == pytest.approx(3.254, abs=0.001)

@@ -267,12 +267,15 @@ class DirtyEstimator:
 
     def _advance(self, now: float) -> None:
         if now > self._acc_at:
-            self._raw = min(float(self._ram), self._raw + self._rate * (now - self._acc_at))
+            self._raw += self._rate * (now - self._acc_at)
             self._acc_at = now
 
     def _raw_at(self, now: float) -> float:
-        extra = self._rate * max(0.0, now - self._acc_at)
-        return min(float(self._ram), self._raw + extra)
+        # Not capped at guest RAM: the corrected estimate is (below), so that it grows at the
+        # corrected rate up to RAM exactly as a policy extrapolates it.  Capping the raw count
+        # instead left a corrected estimate stuck under RAM that a policy, extrapolating, saw
+        # reaching RAM any moment: it re-decided every microsecond.
+        return self._raw + self._rate * max(0.0, now - self._acc_at)
 
     def sample(self, sample: DirtySample) -> None:
         """Take a new rate: pages up to ``sample.at`` count at the old rate, later ones at this.
@@ -293,7 +296,8 @@ class DirtyEstimator:
             self._observed_any and checkpoint.at == self._last_checkpoint_at
         ):
             return False
-        raw = self._raw_at(checkpoint.at)
+        # RAM bounds the distinct pages a checkpoint can find dirty.
+        raw = min(float(self._ram), self._raw_at(checkpoint.at))
         if self._rate_known and raw >= self._MIN_PAGES_FOR_CORRECTION:
             ratio = max(1.0 / self._RATIO_LIMIT, checkpoint.dirty_pages / raw)
             ratio = min(self._RATIO_LIMIT, ratio)
