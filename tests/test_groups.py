@@ -112,7 +112,9 @@ async def test_failover_all_moves_every_member(cluster: LabCluster) -> None:
         reader, writer = await cluster.lab.open_connection(
             cluster.client, cluster.vm_address(vm), DISK_PORT
         )
-        start = int(time.time() * 10) % 100000 + 1 + 50000 * i
+        # Fresh sectors each run (records of earlier runs may linger), all on the 64 MiB disk
+        # (131072 sectors): vm1 from 1..40000, vm2 from 60001..100000, and room to write on.
+        start = int(time.time() * 10) % 40000 + 1 + 60000 * i
         writers[vm] = DiskWriterClient(reader, writer, start=start, rate=10, answer_timeout=60)
         tasks.append(asyncio.create_task(writers[vm].run(), name=f"disk-{vm}"))
     try:
