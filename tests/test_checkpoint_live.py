@@ -27,9 +27,10 @@ MIN_INTERVAL_MS = 400
 BUDGET_MS = 100
 # A burst rewrites 16 MiB (4096 pages) a second; an idle guest dirties a few pages a second.
 BURST_PAGES = 1000
-# Checkpoints closer than this belong to one run (a burst); an idle spell (5 s) leaves a gap
-# of at least IDLE_GAP_S.
-CLUSTER_GAP_S = 1.5
+# Checkpoints closer than this belong to one run (a burst of 6 s); an idle spell (6 s) leaves a
+# gap of at least IDLE_GAP_S.  Bursts are long next to the dirty-rate sampling (0.5 s windows,
+# slower on a loaded host) so that even a slow host sees several checkpoints per burst.
+CLUSTER_GAP_S = 2.5
 IDLE_GAP_S = 3.0
 # Clock reads of the daemon vs QEMU's trace stamps, and the trace watcher's polling.
 SLACK_S = 0.05
@@ -42,7 +43,7 @@ def cluster() -> Iterator[LabCluster]:
         VM,
         "a",
         "b",
-        workloads=("bursty:16:3:5",),
+        workloads=("bursty:16:6:6",),
         checkpoint={
             "policy": "pause-budget",
             "pause_budget_ms": BUDGET_MS,
@@ -82,7 +83,7 @@ def checkpoints(c: LabCluster, start: float, end: float) -> list[Checkpoint]:
 
 def test_pause_budget_checkpoints_on_demand_during_bursts(cluster: LabCluster) -> None:
     start = time.time()
-    time.sleep(32)  # four burst cycles of 8 s
+    time.sleep(36)  # three burst cycles of 12 s
     end = time.time()
     time.sleep(1.0)
     cps = checkpoints(cluster, start, end)
