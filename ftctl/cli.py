@@ -232,6 +232,7 @@ def cmd_status(client: ControlClient, as_json: bool) -> int:
         )
     )
     print(f"quorum: {'yes' if st['quorum']['has'] else 'NO'} ({st['quorum']['reason']})")
+    print(direct_line(st.get("direct_heartbeats")))
     vms = st.get("vms") or []
     print()
     if not vms:
@@ -243,6 +244,17 @@ def cmd_status(client: ControlClient, as_json: bool) -> int:
         if vm.get("sync"):
             print(f"{vm['name']}: {sync_line(vm['sync'])}")
     return 0
+
+
+def direct_line(d: dict[str, Any] | None) -> str:
+    """The direct-heartbeat channel in one line."""
+    if d is None:
+        return "direct heartbeats: off"
+    line = (
+        f"direct heartbeats: UDP {d['port']}, {'signed' if d['signed'] else 'UNSIGNED'}, "
+        f"{d['dropped']} dropped"
+    )
+    return line + (f" (last: {d['last_drop']})" if d.get("last_drop") else "")
 
 
 VM_HEADERS = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -50,6 +51,16 @@ def host_dirs(lab: Lab, host: str) -> tuple[Path, Path]:
     return base / "state", base / "run"
 
 
+def heartbeat_key(lab: Lab) -> Path:
+    """The lab's shared direct-heartbeat key file (made on first use, mode 0600)."""
+    path = lab.workdir / "heartbeat.key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+    return path
+
+
 def cluster_config(
     lab: Lab,
     host: str,
@@ -72,6 +83,8 @@ def cluster_config(
         "heartbeat_interval_ms": 200,
         "peer_timeout_ms": 1000,
         "self_fence_lease_ms": 3000,
+        # Every lab runs with signed direct heartbeats, as a production cluster should.
+        "heartbeat_key_file": str(heartbeat_key(lab)),
     }
     if len(hosts) == 2:
         cluster["allow_two_node"] = True

@@ -71,8 +71,11 @@ def test_broker_loss_changes_nothing(cluster: LabCluster) -> None:
             time.sleep(max(0.0, 30 - (time.monotonic() - stopped)))
             for h in (p, s):
                 st = cluster.ftd[h].status()
-                # The direct heartbeats keep quorum: nobody self-fences, nobody fails over.
+                # The direct heartbeats (signed with the lab's key, none dropped) keep quorum:
+                # nobody self-fences, nobody fails over.
                 assert st["quorum"]["has"], st["quorum"]
+                direct = st["direct_heartbeats"]
+                assert direct["signed"] and direct["dropped"] == 0, direct
                 assert st["fencing"]["self_fenced"] is False
                 vm = next(v for v in st["vms"] if v["name"] == VM)
                 assert vm["state"] == "protected", vm

@@ -113,6 +113,34 @@ def test_ftd_rejects_bad_config_with_key_path(tmp_path: Path) -> None:
     assert "vms:" in r.stderr and "bus: required key missing" in r.stderr
 
 
+def test_ftd_refuses_a_short_heartbeat_key(tmp_path: Path) -> None:
+    key = tmp_path / "hb.key"
+    key.write_text("short\n")
+    cfg = tmp_path / "ftd.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "host": "a",
+                "cluster": {
+                    "name": "x",
+                    "hosts": [{"name": "a", "address": "10.0.0.1"}],
+                    "heartbeat_key_file": str(key),
+                },
+                "bus": {"brokers": ["mqtt://127.0.0.1:1"], "insecure": True},
+            }
+        )
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "ftd.daemon.main", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "cluster.heartbeat_key_file" in r.stderr and "holds 5 bytes" in r.stderr, r.stderr
+
+
 def test_ftd_refuses_known_broken_qemu(lab: Lab, tmp_path: Path) -> None:
     # A host "QEMU 10.0.2" (Debian 12 backports): COLO ends 'completed'; ftd must refuse it.
     fake = tmp_path / "bin" / "qemu-system-x86_64"

@@ -131,6 +131,7 @@ async def test_protect_reaches_protected_with_checkpoints(cluster: LabCluster) -
     assert sec["role"] == "secondary" and sec["checkpoints"]["count"] >= 1
     table = cluster.ftd[p].ctl("status").stdout
     assert VM in table and "protected" in table and "LAST PAUSE" in table
+    assert "direct heartbeats: UDP 7887, signed, 0 dropped" in table, table
     events = json.loads(cluster.ftd[p].ctl("events", "--json").stdout)
     assert any("VM protected" in e["message"] for e in events)
 

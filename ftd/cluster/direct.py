@@ -4,22 +4,58 @@ The broker is one path between hosts; if it were the only one, losing it would l
 isolation to every host at once, and self-fencing would stop every primary. Each ftd also
 sends a small datagram to every peer's configured address each heartbeat interval, so peers
 that still reach each other keep quorum while the broker is down, and only a host truly cut
-off loses it. A datagram is accepted only from the address configured for the host it names
-(forging one can only delay a failover, never cause one).
+off loses it. A datagram is accepted only from the address configured for the host it names,
+and only when newer (boot epoch, sequence) than the last one accepted from that host.  With a
+shared key (``cluster.heartbeat_key_file``) each datagram also carries an HMAC-SHA256 of its
+content, and one without a valid MAC is dropped: without the key, a forger on the network can
+make a dead host look alive (delaying a failover, never causing one); with it, it cannot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from ftd.errors import MessageError
+from ftd.errors import ConfigError, ConfigIssue, MessageError
 from ftd.log import get_logger
 
 log = get_logger(component="direct-hb")
 MAX_DATAGRAM = 512
+MIN_KEY_BYTES = 16
+_KEY_PATH = "cluster.heartbeat_key_file"
+
+
+def load_key(path: Path) -> bytes:
+    """The shared heartbeat key in ``path`` (surrounding whitespace stripped).
+
+    Raises:
+        ConfigError: the file cannot be read or holds fewer than MIN_KEY_BYTES bytes.
+    """
+    try:
+        key = path.read_bytes().strip()
+    except OSError as err:
+        raise ConfigError([ConfigIssue(_KEY_PATH, f"cannot read {path}: {err.strerror}")]) from err
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    _KEY_PATH,
+                    f"{path} holds {len(key)} bytes; a key needs at least {MIN_KEY_BYTES} "
+                    "(e.g. openssl rand -hex 32)",
+                )
+            ]
+        )
+    return key
+
+
+def _mac(key: bytes, fields: Mapping[str, object]) -> str:
+    body = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -33,14 +69,30 @@ class DirectBeat:
     seen: tuple[str, ...] = ()
 
 
-def encode_beat(beat: DirectBeat, cluster: str) -> bytes:
-    return json.dumps(
-        {"v": 1, "c": cluster, "h": beat.host, "e": beat.epoch, "s": beat.seq, "n": beat.seen}
-    ).encode()
+def encode_beat(beat: DirectBeat, cluster: str, key: bytes | None = None) -> bytes:
+    """The datagram of ``beat``; signed (field ``m``) when a ``key`` is given."""
+    fields: dict[str, object] = {
+        "v": 1,
+        "c": cluster,
+        "h": beat.host,
+        "e": beat.epoch,
+        "s": beat.seq,
+        "n": list(beat.seen),
+    }
+    if key is not None:
+        fields["m"] = _mac(key, fields)
+    return json.dumps(fields).encode()
 
 
-def parse_beat(data: bytes, src: str, cluster: str, addresses: Mapping[str, str]) -> DirectBeat:
-    """Validate one datagram from ``src``. Raises MessageError saying what is wrong."""
+def parse_beat(
+    data: bytes,
+    src: str,
+    cluster: str,
+    addresses: Mapping[str, str],
+    key: bytes | None = None,
+) -> DirectBeat:
+    """Validate one datagram from ``src``; with ``key``, its MAC too. Raises MessageError saying
+    what is wrong."""
     if len(data) > MAX_DATAGRAM:
         raise MessageError(f"direct heartbeat from {src}: {len(data)} bytes is too large")
     try:
@@ -49,6 +101,12 @@ def parse_beat(data: bytes, src: str, cluster: str, addresses: Mapping[str, str]
         raise MessageError(f"direct heartbeat from {src} is not JSON: {err}") from err
     if not isinstance(d, dict) or d.get("v") != 1 or d.get("c") != cluster:
         raise MessageError(f"direct heartbeat from {src}: wrong version or cluster")
+    if key is not None:
+        mac = d.pop("m", None)
+        if not isinstance(mac, str):
+            raise MessageError(f"direct heartbeat from {src} is not signed (a key is configured)")
+        if not hmac.compare_digest(mac, _mac(key, d)):
+            raise MessageError(f"direct heartbeat from {src}: bad signature (not our key)")
     host, epoch, seq = d.get("h"), d.get("e"), d.get("s")
     if not isinstance(host, str) or host not in addresses:
         raise MessageError(f"direct heartbeat from {src} names unknown host {host!r}")
@@ -88,15 +146,19 @@ class DirectHeartbeats:
         addresses: Mapping[str, str],
         port: int,
         on_beat: Callable[[DirectBeat], None],
+        key: bytes | None = None,
     ) -> None:
         self.me = me
+        self.key = key
         self.epoch = epoch
         self.cluster = cluster
         self.addresses = dict(addresses)
         self.port = port
         self.on_beat = on_beat
         self.dropped = 0
+        self.last_drop: str | None = None
         self._seq = 0
+        self._newest: dict[str, tuple[int, int]] = {}
         self._transport: asyncio.DatagramTransport | None = None
 
     async def start(self) -> None:
@@ -109,11 +171,19 @@ class DirectHeartbeats:
 
     def _received(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
-            beat = parse_beat(data, addr[0], self.cluster, self.addresses)
+            beat = parse_beat(data, addr[0], self.cluster, self.addresses, self.key)
+            newest = self._newest.get(beat.host)
+            if newest is not None and (beat.epoch, beat.seq) <= newest:
+                raise MessageError(
+                    f"direct heartbeat from {beat.host}: epoch {beat.epoch} seq {beat.seq} is "
+                    f"not newer than epoch {newest[0]} seq {newest[1]} (replayed or reordered)"
+                )
         except MessageError as err:
             self.dropped += 1
+            self.last_drop = str(err)
             log.info("direct heartbeat dropped", reason=str(err))
             return
+        self._newest[beat.host] = (beat.epoch, beat.seq)
         if beat.host != self.me:
             self.on_beat(beat)
 
@@ -122,7 +192,7 @@ class DirectHeartbeats:
         if self._transport is None:
             return
         self._seq += 1
-        data = encode_beat(DirectBeat(self.me, self.epoch, self._seq, seen), self.cluster)
+        data = encode_beat(DirectBeat(self.me, self.epoch, self._seq, seen), self.cluster, self.key)
         for host, addr in self.addresses.items():
             if host != self.me:
                 self._transport.sendto(data, (addr, self.port))

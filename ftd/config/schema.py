@@ -275,6 +275,15 @@ class Cluster:
             hi=65535,
         ),
     )
+    heartbeat_key_file: Path | None = field(
+        default=None,
+        metadata=doc(
+            "file holding a secret shared by every host (at least 16 bytes, e.g. openssl rand "
+            "-hex 32) that signs the direct heartbeats with HMAC-SHA256; unsigned or wrongly "
+            "signed ones are dropped. Without it a direct heartbeat is checked by its source "
+            "address only"
+        ),
+    )
     peer_timeout_ms: int = field(
         default=1000,
         metadata=doc(

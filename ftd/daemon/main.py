@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ftd import __version__
+from ftd.cluster.direct import load_key
 from ftd.config import load_config
 from ftd.daemon.service import Daemon
 from ftd.errors import ConfigError, FtError, QemuVersionError
@@ -35,13 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, host=args.host)
+        key_file = cfg.cluster.heartbeat_key_file
+        key = None if key_file is None else load_key(Path(key_file))
     except ConfigError as err:
         print(f"ftd: invalid configuration {args.config}:", file=sys.stderr)
         for issue in err.issues:
             print(f"  {issue}", file=sys.stderr)
         return 2
     setup_logging(args.log_level or cfg.log.level, cfg.log.json)
-    daemon = Daemon(cfg, config_path=args.config, witness=args.witness)
+    daemon = Daemon(cfg, config_path=args.config, witness=args.witness, heartbeat_key=key)
     try:
         return asyncio.run(daemon.run())
     except QemuVersionError as err:

@@ -74,7 +74,18 @@ def runtime_for(cfg: Config) -> QemuRuntime:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, config_path: Path, witness: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        config_path: Path,
+        witness: bool = False,
+        heartbeat_key: bytes | None = None,
+    ) -> None:
+        """``heartbeat_key`` signs the direct heartbeats (see :func:`ftd.cluster.direct.load_key`);
+        it is required when the configuration names a key file."""
+        if (cfg.cluster.heartbeat_key_file is None) != (heartbeat_key is None):
+            raise ValueError("heartbeat_key must be given exactly when heartbeat_key_file is set")
+        self.heartbeat_key = heartbeat_key
         self.cfg = cfg
         self.config_path = config_path
         me = next(h for h in cfg.cluster.hosts if h.name == cfg.host)
@@ -132,6 +143,7 @@ class Daemon:
                 addresses={h.name: h.address for h in self.cfg.cluster.hosts},
                 port=self.cfg.cluster.heartbeat_port,
                 on_beat=self._on_direct_beat,
+                key=self.heartbeat_key,
             )
             await self.direct.start()
         self.bus = self._make_bus()
@@ -578,6 +590,17 @@ class Daemon:
             out["dropped"] = bus.stats.dropped
         return out
 
+    def _direct_status(self) -> dict[str, Any] | None:
+        d = self.direct
+        if d is None:
+            return None
+        return {
+            "port": d.port,
+            "signed": d.key is not None,
+            "dropped": d.dropped,
+            "last_drop": d.last_drop,
+        }
+
     def status(self) -> dict[str, Any]:
         cfg = self.cfg
         now = time.monotonic()
@@ -596,6 +619,7 @@ class Daemon:
                 "verdict": self.qemu_reason,
             },
             "bus": self._bus_status(),
+            "direct_heartbeats": self._direct_status(),
             "peers": [
                 {"host": v.name, "alive": v.alive, "epoch": v.epoch, "reason": v.reason}
                 for v in self.membership.verdicts(now)
