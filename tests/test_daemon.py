@@ -163,3 +163,48 @@ def test_ftd_refuses_known_broken_qemu(lab: Lab, tmp_path: Path) -> None:
     assert r.returncode == 3, r.stderr
     assert "refusing to start" in r.stderr and "10.0.2" in r.stderr and "completed" in r.stderr
     assert yaml.safe_load(path.read_text())["host"] == "a"
+
+
+def test_ftd_hears_only_its_scope() -> None:
+    # a, b and w vote; c and d do not and share no VM with anyone: a follows a, b, w only
+    # (its subscriptions say so and it receives their beats alone), c follows the voters.
+    with Lab(["a", "b", "c", "d", "w"], broker=True) as lab:
+        procs = {}
+        for h in ("a", "b", "c", "d", "w"):
+            doc = cluster_config(
+                lab, h, vm_hosts=["a", "b", "c", "d"], witnesses=["w"], vms=[], guest=None
+            )
+            for host in doc["cluster"]["hosts"]:
+                host["voter"] = host["name"] in ("a", "b", "w")
+            procs[h] = FtdProcess(lab, h, write_config(lab, h, doc), witness=h == "w")
+            procs[h].start()
+        try:
+            for p in procs.values():
+                p.wait_ready()
+            a, c = procs["a"], procs["c"]
+            _wait(lambda: all(p["alive"] for p in a.status()["peers"]), 10, "a hears b, w")
+            _wait(lambda: all(p["alive"] for p in c.status()["peers"]), 10, "c hears a, b, w")
+            st = a.status()
+            assert sorted(p["host"] for p in st["peers"]) == ["b", "w"], st["peers"]
+            assert sorted(st["bus"]["subscriptions"]) == [
+                "hb/a",
+                "hb/b",
+                "hb/w",
+                "host/a",
+                "host/b",
+                "host/w",
+            ], st["bus"]
+            assert sorted(p["host"] for p in c.status()["peers"]) == ["a", "b", "w"]
+            hosts = {h["host"]: h for h in json.loads(a.ctl("hosts", "--json").stdout)["hosts"]}
+            assert hosts["c"]["online"] is None and "not watched" in hosts["c"]["reason"]
+            assert hosts["b"]["online"] is True and hosts["a"]["reason"] == "this host"
+            assert "not watched from a" in a.ctl("hosts").stdout
+            # The broker delivers a the beats of three hosts (5 a second each at 200 ms), not
+            # of all five: 15/s, where everyone-hears-everyone would be 25/s.
+            before, t0 = a.status()["bus"]["received"], time.monotonic()
+            time.sleep(4.0)
+            rate = (a.status()["bus"]["received"] - before) / (time.monotonic() - t0)
+            assert 10 <= rate <= 20, f"a receives {rate:.1f} messages/s"
+        finally:
+            for p in procs.values():
+                p.stop()

@@ -332,6 +332,11 @@ class Bus(abc.ABC):
 
     # --- subscriptions and inbound -----------------------------------------------------------
 
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """The topic suffixes subscribed to (kept across reconnects)."""
+        return tuple(self._patterns)
+
     async def subscribe(self, patterns: Iterable[str], timeout_s: float = DEFAULT_TIMEOUT) -> None:
         """Add subscriptions (suffix patterns such as ``host/+`` or ``vm/+/state/#``).
 

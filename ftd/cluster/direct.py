@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import hmac
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,12 +147,19 @@ class DirectHeartbeats:
         port: int,
         on_beat: Callable[[DirectBeat], None],
         key: bytes | None = None,
+        targets: Iterable[str] | None = None,
     ) -> None:
+        """Beats go to ``targets`` (default: every host in ``addresses``); beats are accepted
+        from any host in ``addresses``."""
         self.me = me
         self.key = key
         self.epoch = epoch
         self.cluster = cluster
         self.addresses = dict(addresses)
+        self.targets = tuple(self.addresses if targets is None else targets)
+        unknown = set(self.targets) - set(self.addresses)
+        if unknown:
+            raise ValueError(f"direct heartbeat targets without an address: {sorted(unknown)}")
         self.port = port
         self.on_beat = on_beat
         self.dropped = 0
@@ -193,9 +200,9 @@ class DirectHeartbeats:
             return
         self._seq += 1
         data = encode_beat(DirectBeat(self.me, self.epoch, self._seq, seen), self.cluster, self.key)
-        for host, addr in self.addresses.items():
+        for host in self.targets:
             if host != self.me:
-                self._transport.sendto(data, (addr, self.port))
+                self._transport.sendto(data, (self.addresses[host], self.port))
 
     def close(self) -> None:
         if self._transport is not None:

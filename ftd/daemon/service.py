@@ -29,6 +29,7 @@ from ftd.cluster.fencing import (
     make_agent,
 )
 from ftd.cluster.membership import Member, Membership, QuorumVerdict
+from ftd.cluster.scope import scope_of
 from ftd.config import Config, load_config
 from ftd.control.events import EventLog
 from ftd.control.metrics import MetricsServer
@@ -100,9 +101,16 @@ class Daemon:
         self.boot_epoch = 0
         self.qemu_version: QemuVersion | None = None
         self.qemu_reason = "not checked (witness)"
+        # Only the hosts this one must hear (voters, its VMs' and groups' hosts): the bus load
+        # then grows with the hosts, not their square.
+        self.scope = scope_of(cfg)
         self.membership = Membership(
             cfg.host,
-            [Member(h.name, h.voter, h.role) for h in cfg.cluster.hosts],
+            [
+                Member(h.name, h.voter, h.role)
+                for h in cfg.cluster.hosts
+                if h.name in self.scope.hosts
+            ],
             cfg.cluster.peer_timeout_ms / 1000,
         )
         self.bus: MqttBus | None = None
@@ -141,6 +149,7 @@ class Daemon:
                 epoch=self.boot_epoch,
                 cluster=self.cfg.cluster.name,
                 addresses={h.name: h.address for h in self.cfg.cluster.hosts},
+                targets=self.scope.hosts,
                 port=self.cfg.cluster.heartbeat_port,
                 on_beat=self._on_direct_beat,
                 key=self.heartbeat_key,
@@ -263,7 +272,7 @@ class Daemon:
 
     async def _bus_in(self) -> None:
         assert self.bus is not None
-        await self.bus.subscribe(["host/+", "hb/+", "vm/+/state/+", *GroupSync.patterns()])
+        await self.bus.subscribe(self.scope.patterns())
         async for suffix, msg in self.bus.messages():
             now = time.monotonic()
             if isinstance(msg, HostRecord):
@@ -509,7 +518,12 @@ class Daemon:
         return {"vm": r.vm.name, "host": self.cfg.host, "checkpoint_policy": policy}
 
     def _host_alive(self, host: str) -> bool:
-        return host == self.cfg.host or self.membership.verdict(host, time.monotonic()).alive
+        if host == self.cfg.host:
+            return True
+        # A host outside this one's scope is not heard, so it is not known to be alive.
+        return (
+            host in self.membership.peers and self.membership.verdict(host, time.monotonic()).alive
+        )
 
     async def _op_groups(self, args: dict[str, Any]) -> Any:
         return [] if self.group_sync is None else self.group_sync.status()
@@ -535,6 +549,19 @@ class Daemon:
                         "voter": h.voter,
                         "reason": "this host",
                         "vms": vms,
+                    }
+                )
+                continue
+            if h.name not in self.membership.peers:
+                rows.append(
+                    {
+                        "host": h.name,
+                        "online": None,
+                        "epoch": None,
+                        "role": h.role,
+                        "voter": h.voter,
+                        "reason": self.scope.why_not(h.name),
+                        "vms": {},
                     }
                 )
                 continue
@@ -588,6 +615,8 @@ class Daemon:
         if bus is not None:
             out["connects"] = bus.stats.connects
             out["dropped"] = bus.stats.dropped
+            out["received"] = bus.stats.received
+            out["subscriptions"] = list(bus.patterns)
         return out
 
     def _direct_status(self) -> dict[str, Any] | None:
