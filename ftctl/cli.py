@@ -300,7 +300,7 @@ def policy_line(vm: dict[str, Any]) -> str:
         return "-" if v is None else f"{v:.0f}ms"
 
     parts = [
-        f"{vm['name']}: policy {text}",
+        f"{vm['name']}: policy {text} ({vm.get('policy_origin', 'config')})",
         f"dirty rate {'-' if rate is None else f'{rate:g} MiB/s'}",
         f"pause last/avg/p99 {ms(cp.get('last_pause_ms'))}/{ms(cp.get('avg_pause_ms'))}/"
         f"{ms(cp.get('p99_pause_ms'))}",

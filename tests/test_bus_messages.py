@@ -180,6 +180,23 @@ def test_field_rules_of_bodies() -> None:
         parse(f"{T}/vm/web1/state/a", js({**vm, "reason": "\ud800"}))
 
 
+def test_vm_state_carries_a_live_policy() -> None:
+    vm = json.loads(encode(SAMPLES[3][1]))
+    policy = {"policy": "pause-budget", "pause_budget_ms": 120, "link_bandwidth_mbps": None}
+    got = parse(f"{T}/vm/web1/state/a", js({**vm, "policy": policy, "policy_rev": 17.5}))
+    assert isinstance(got, VmState) and got.policy == policy and got.policy_rev == 17.5
+    for bad, reason in (
+        ({"Pause-Budget": 1}, "is not a checkpoint setting name"),
+        ({"policy": ["fixed"]}, "field 'policy'"),
+        ({"policy": {"x": 1}}, "field 'policy'"),
+        ("fixed", "field 'policy'"),
+    ):
+        with pytest.raises(MessageError, match=reason):
+            parse(f"{T}/vm/web1/state/a", js({**vm, "policy": bad}))
+    with pytest.raises(MessageError, match="field 'policy_rev': -1.0 is negative"):
+        parse(f"{T}/vm/web1/state/a", js({**vm, "policy_rev": -1}))
+
+
 def test_encode_refuses_what_parse_would() -> None:
     with pytest.raises(MessageError, match="field 'host'"):
         encode(Heartbeat())  # unstamped

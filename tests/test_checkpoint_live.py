@@ -150,8 +150,30 @@ def test_policy_set_switches_live_and_refuses_bad_values(cluster: LabCluster) ->
     # QEMU's own timer now: about one a second, bursts or not, and no requests of ours.
     assert 5 <= len(cps) <= 10, gaps
     assert cluster.vm_status("a", VM)["checkpoint_policy"]["requests"] == requests
+    # The secondary's host adopted the change from a's published state and saved it, so a
+    # failover keeps it.
+    adopted = cluster.wait_vm(
+        "b",
+        VM,
+        lambda v: v["policy_origin"] == "adopted from a" and v["policy"] == "fixed",
+        15,
+        "b adopting the fixed policy",
+    )
+    assert "FixedInterval(1000 ms" in adopted["checkpoint_policy"]["policy"]["text"], adopted
     back = ctl("policy", "set", VM, "--policy", "pause-budget", "--pause-budget-ms", "120")
     assert "PauseBudget(120 ms" in back.stdout, back
     assert cluster.vm_status("a", VM)["checkpoint_policy"]["policy"]["min_interval_ms"] == (
         MIN_INTERVAL_MS
     )
+    cluster.wait_vm("b", VM, lambda v: v["policy"] == "pause-budget", 15, "b adopting it back")
+    assert "policy PauseBudget(120 ms" in ctl("status").stdout
+    # A restarted ftd keeps the live policy (saved under its state directory), not the config's.
+    b = cluster.ftd["b"]
+    assert b.stop() == 0
+    b.start()
+    b.wait_ready()
+    st = cluster.vm_status("b", VM)
+    assert st["policy"] == "pause-budget" and st["policy_origin"] == "adopted from a", st
+    assert "PauseBudget(120 ms" in st["checkpoint_policy"]["policy"]["text"], st
+    events = json.loads(b.ctl("events", "--json", "-n", "50").stdout)
+    assert any("checkpoint policy restored (adopted from a)" in e["message"] for e in events)

@@ -58,6 +58,7 @@ MAX_INT = 2**53 - 1
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 STATE_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
 TOKEN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+POLICY_KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
 
 HOST_ROLES = ("vm-host", "witness")
 VM_ROLES = ("primary", "secondary", "standby", "none")
@@ -118,6 +119,16 @@ def _name_keys(value: Any) -> str | None:
         for key in value:
             if not NAME_RE.fullmatch(key):
                 return f"key {key[:80]!r} is not a valid name (must match {NAME_RE.pattern})"
+    return None
+
+
+def _policy_keys(value: Any) -> str | None:
+    if isinstance(value, dict):
+        for key, v in value.items():
+            if not POLICY_KEY_RE.fullmatch(key):
+                return f"policy key {key[:80]!r} is not a checkpoint setting name"
+            if isinstance(v, list | dict):
+                return f"policy key {key!r}: value must be a number, a string, true/false or null"
     return None
 
 
@@ -190,6 +201,10 @@ class Heartbeat(Message):
     interval_ms: int = _f(1000, check=_non_negative)
 
 
+Scalar = str | int | float | bool | None
+ArgValue = Scalar | list[Scalar]
+
+
 @dataclass(frozen=True, kw_only=True)
 class VmState(Message):
     """The sender's view of one VM it runs (retained per VM and host)."""
@@ -206,10 +221,10 @@ class VmState(Message):
     checkpoints: int = _f(0, check=_non_negative)
     last_pause_ms: float | None = _f(None, check=_non_negative)
     last_checkpoint_at: float | None = _f(None, check=_non_negative)
-
-
-Scalar = str | int | float | bool | None
-ArgValue = Scalar | list[Scalar]
+    #: The live checkpoint policy (make_policy keys) when an operator changed it, and the
+    #: revision (wall-clock time of the change) that orders changes across hosts.
+    policy: dict[str, Scalar] | None = field(default=None, metadata={"check": _policy_keys})
+    policy_rev: float = _f(0.0, check=_non_negative)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,12 +26,13 @@ import signal
 import statistics
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ftd.aio import bounded
 from ftd.bus import Bus, VmState, topic_vm_state
+from ftd.bus.messages import Scalar
 from ftd.checkpoint.driver import (
     CheckpointDriver,
     config_params,
@@ -44,7 +45,7 @@ from ftd.checkpoint.policy import make_policy
 from ftd.config.schema import Config, Vm
 from ftd.control.events import EventLog
 from ftd.daemon.state import read_json, write_json_atomic
-from ftd.errors import FtError, QemuError, RequestError, StateError
+from ftd.errors import ConfigError, FtError, QemuError, RequestError, StateError
 from ftd.log import get_logger
 from ftd.qemu import colo, trace
 from ftd.qemu.process import QemuProcess, prepare_disks
@@ -274,12 +275,20 @@ class VmRunner:
         # its driver while this host is the protected primary.
         self.policy_params = config_params(vm.checkpoint)
         self.policy = make_policy(self.policy_params)
+        # A live change (ftctl policy set, here or on the peer) outlives restarts and failovers:
+        # it is saved here and published with the VM's state; the newer revision (wall-clock
+        # time of the change) wins on both hosts.  0: the configuration's policy.
+        self.policy_rev = 0.0
+        self.policy_origin = "config"
         self.driver: CheckpointDriver | None = None
         self._state_path = cfg.paths.state_dir / "vms" / f"{vm.name}.json"
+        self._policy_path = cfg.paths.state_dir / "vms" / f"{vm.name}.policy.json"
+        self._policy_task: asyncio.Task[None] | None = None
 
     # --- the loop ------------------------------------------------------------------------------
     async def run(self) -> None:
         """Restore the persisted view (re-attaching to a running QEMU), then handle events."""
+        self._restore_policy()
         await self._restore()
         await self._publish(self.view)
         try:
@@ -574,10 +583,88 @@ class VmRunner:
         params = merge_params(self.policy_params, changes)
         policy = make_policy(params)
         self.policy_params, self.policy = params, policy
+        self.policy_rev, self.policy_origin = time.time(), f"set on {self.host}"
         self.events.record("vm", f"checkpoint policy set: {policy!r}", vm=self.vm.name)
+        self._save_policy()
+        # The peer adopts it from the published state (and keeps it after a failover).
+        await self._publish(self.view)
         if self.driver is not None:
             await self.driver.set_policy(policy)
         return self._policy_status()
+
+    def _save_policy(self) -> None:
+        try:
+            write_json_atomic(
+                self._policy_path,
+                {
+                    "params": self.policy_params,
+                    "rev": self.policy_rev,
+                    "origin": self.policy_origin,
+                },
+            )
+        except StateError as err:
+            self.events.record(
+                "vm",
+                f"checkpoint policy not saved (lost on restart): {err}",
+                "warning",
+                vm=self.vm.name,
+            )
+
+    def _restore_policy(self) -> None:
+        """Take the saved live policy, if any; a bad file is reported and ignored."""
+        try:
+            saved = read_json(self._policy_path)
+            if saved is None:
+                return
+            params, rev, origin = saved["params"], float(saved["rev"]), str(saved["origin"])
+            policy = make_policy(params)
+        except (StateError, ConfigError, KeyError, TypeError, ValueError) as err:
+            self.events.record(
+                "vm",
+                f"saved checkpoint policy {self._policy_path} ignored ({err}): using the "
+                "configuration's",
+                "warning",
+                vm=self.vm.name,
+            )
+            return
+        self.policy_params, self.policy, self.policy_rev = dict(params), policy, rev
+        self.policy_origin = origin
+        self.events.record(
+            "vm", f"checkpoint policy restored ({origin}): {policy!r}", vm=self.vm.name
+        )
+
+    def _adopt_policy(self, msg: VmState) -> None:
+        """The peer published a newer live policy: take it (and save it) unless it is bad."""
+        if msg.policy is None or msg.policy_rev <= self.policy_rev:
+            return
+        try:
+            policy = make_policy(msg.policy)
+        except ConfigError as err:
+            self.log.warning("peer's checkpoint policy refused", peer=msg.host, error=str(err))
+            self.events.record(
+                "vm",
+                f"checkpoint policy from {msg.host} refused: {err}",
+                "warning",
+                vm=self.vm.name,
+            )
+            return
+        self.policy_params, self.policy = dict(msg.policy), policy
+        self.policy_rev = msg.policy_rev
+        self.policy_origin = f"adopted from {msg.host}"
+        self._save_policy()
+        self.events.record(
+            "vm", f"checkpoint policy adopted from {msg.host}: {policy!r}", vm=self.vm.name
+        )
+        if self.driver is not None:
+            driver = self.driver
+
+            async def apply() -> None:
+                try:
+                    await driver.set_policy(policy)
+                except FtError as err:
+                    self.log.warning("adopted policy: QEMU timer not set", error=str(err))
+
+            self._policy_task = asyncio.create_task(apply(), name=f"vm-{self.vm.name}-policy")
 
     def _policy_status(self) -> dict[str, Any]:
         if self.driver is not None:
@@ -644,6 +731,8 @@ class VmRunner:
             checkpoints=self.stats.count,
             last_pause_ms=self.stats.last_pause_ms,
             last_checkpoint_at=self.stats.last_at,
+            policy=_scalars(self.policy_params) if self.policy_rev > 0 else None,
+            policy_rev=self.policy_rev,
         )
         ok = await self.bus.publish(topic_vm_state(self.vm.name, self.host), msg, retain=True)
         if not ok and need_ack:
@@ -771,6 +860,7 @@ class VmRunner:
             "epoch": str(v.epoch),
             "standby": self.vm.standby,
             "policy": self.policy.name,
+            "policy_origin": self.policy_origin,
             "checkpoint_policy": self._policy_status(),
             "reason": v.reason,
             "since": v.since,
@@ -830,4 +920,10 @@ class VmRunner:
             "reason": msg.reason,
         }
         self.peer_last = ps
+        self._adopt_policy(msg)
         self.feed(ps)
+
+
+def _scalars(params: Mapping[str, object]) -> dict[str, Scalar]:
+    """Policy parameters as bus values (they are numbers, strings or None)."""
+    return {k: v for k, v in params.items() if v is None or isinstance(v, str | int | float | bool)}
