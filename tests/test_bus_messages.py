@@ -193,7 +193,7 @@ def test_vm_state_carries_a_live_policy() -> None:
     ):
         with pytest.raises(MessageError, match=reason):
             parse(f"{T}/vm/web1/state/a", js({**vm, "policy": bad}))
-    with pytest.raises(MessageError, match="field 'policy_rev': -1.0 is negative"):
+    with pytest.raises(MessageError, match=r"field 'policy_rev': -1\.0 is negative"):
         parse(f"{T}/vm/web1/state/a", js({**vm, "policy_rev": -1}))
 
 

@@ -196,6 +196,15 @@ async def test_ftd_restart_on_both_hosts_keeps_the_guest(
     # Protection went on: checkpoints still complete after both restarts.
     c0 = cluster.vm_status(p, VM)["checkpoints"]["count"]
     cluster.wait_vm(p, VM, lambda v: v["checkpoints"]["count"] > c0 + 1, 30, "new checkpoints")
+    # The restarted primary drives the checkpoint policy again (its driver samples the dirty
+    # rate and decides), as it did before the restart.
+    cluster.wait_vm(
+        p,
+        VM,
+        lambda v: v["checkpoint_policy"].get("dirty_rate_age_s") is not None,
+        30,
+        "the checkpoint driver sampling again",
+    )
 
 
 async def test_host_death_fails_over(cluster: LabCluster, clients: Clients) -> None:

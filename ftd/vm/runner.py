@@ -516,6 +516,10 @@ class VmRunner:
         self._job("checkpoint-driver", self._drive_checkpoints())
         await self._checkpoint_watchdog(delay / 1000)
 
+    async def _resume_protected(self) -> None:
+        self._job("checkpoint-driver", self._drive_checkpoints())
+        await self._checkpoint_watchdog(timer_ms(self.policy) / 1000)
+
     async def _checkpoint_watchdog(self, period_s: float) -> None:
         """While protected, no checkpoint for the wedge window means COLO is stuck: report
         it (the machine drops the secondary; automatic reprotect pairs again)."""
@@ -829,6 +833,10 @@ class VmRunner:
                 f"{view.state}) without touching the guest",
                 vm=self.vm.name,
             )
+            if self._protected_primary():
+                # What _start_colo runs for a protected life: the policy's driver and the
+                # checkpoint watchdog, which a restart must not leave behind.
+                self._job("colo", self._resume_protected())
         else:
             # The local copy is gone (host reboot, QEMU died while ftd was down).
             self.view = view
