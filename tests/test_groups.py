@@ -182,3 +182,56 @@ def test_ftctl_failover_group_moves_every_member(cluster: LabCluster) -> None:
         cluster.wait_vm(new, vm, lambda v: v["role"] == "primary", 60, "took over")
     r = cluster.ftd["a"].ctl("failover", "--group", "nosuchgroup", check=False)
     assert r.returncode == 2 and "no group 'nosuchgroup'" in r.stderr
+
+
+def test_synchronizer_ftd_death_hands_the_lease_over(cluster: LabCluster) -> None:
+    # Both members protected again (one primary on each host) and epochs committing under a.
+    for vm in PRIMARY:
+        deadline = time.monotonic() + 180
+        while cluster.primary_host(vm) is None or any(
+            cluster.vm_status(x, vm)["state"] != "protected" for x in ("a", "b")
+        ):
+            assert time.monotonic() < deadline, f"{vm} not protected again"
+            time.sleep(0.3)
+    on_a = next(vm for vm in PRIMARY if cluster.primary_host(vm) == "a")
+    start = groups(cluster, "a")["committed_epoch"]
+    held = wait_group(
+        cluster,
+        "a",
+        lambda g: g["synchronizer"] == "a" and g["committed_epoch"] > start,
+        60,
+        "committing under a",
+    )
+    failed_before = groups(cluster, "b")["failed_epochs"]
+    f = cluster.ftd["a"]
+    assert f.proc is not None
+    f.proc.send_signal(signal.SIGKILL)
+    f.proc.wait(10)
+    try:
+        # The lease runs out and b, the other member host, takes it with a higher term ...
+        took = wait_group(cluster, "b", lambda g: g["synchronizer"] == "b", 30, "took the lease")
+        assert took["committed_epoch"] >= held["committed_epoch"]
+        # ... but cannot commit: the member whose primary runs on a has no ftd to take its
+        # checkpoint. Epochs fail, naming it, and none is committed meanwhile.
+        g = wait_group(
+            cluster, "b", lambda g: g["failed_epochs"] > failed_before, 30, "an epoch failed"
+        )
+        assert on_a in (g["last_failure"] or ""), g
+        time.sleep(3)
+        assert groups(cluster, "b")["committed_epoch"] == took["committed_epoch"]
+        # a's QEMU went on running its primary: an ftd death is not a VM failure.
+        assert cluster.vm_status("b", on_a)["role"] == "secondary"
+    finally:
+        f.start()
+        f.wait_ready()
+    # a's ftd re-attaches: commits resume under b, which keeps its live lease; both agree.
+    g = wait_group(
+        cluster,
+        "b",
+        lambda g: g["committed_epoch"] > took["committed_epoch"],
+        120,
+        "commits resumed",
+    )
+    assert g["synchronizer"] == "b", g
+    wait_group(cluster, "a", lambda g: g["synchronizer"] == "b", 30, "a agreeing on b")
+    print(f"\nlease handed a->b; commits resumed at epoch {g['committed_epoch']}")
