@@ -824,8 +824,8 @@ class Settings:
     vms_per_host: int
     witnesses: int = 3
     layout: str = "scoped"
-    heartbeat_ms: int = 200
-    peer_timeout_ms: int = 1000
+    heartbeat_ms: int = 150
+    peer_timeout_ms: int = 600
     victims: int = 10
     window_s: float = 20.0
     settle_s: float = 3.0
@@ -1116,8 +1116,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small, short run (for the tests)")
     p.add_argument("--witnesses", type=int, default=3, help="witness hosts, the voters")
     p.add_argument("--layout", choices=LAYOUTS, default="scoped", help="subscription layout")
-    p.add_argument("--heartbeat-ms", type=int, default=200)
-    p.add_argument("--peer-timeout-ms", type=int, default=1000)
+    # ftd's defaults (cluster.heartbeat_interval_ms, cluster.peer_timeout_ms).
+    p.add_argument("--heartbeat-ms", type=int, default=150)
+    p.add_argument("--peer-timeout-ms", type=int, default=600)
     p.add_argument("--victims", type=int, help="deaths measured per path (default 10; 2 quick)")
     p.add_argument("--window-s", type=float, help="steady-state window (default 20; 4 quick)")
     p.add_argument("--seed", type=int, default=1)

@@ -274,13 +274,13 @@ BROKEN: list[tuple[str, list[tuple[str, object]], dict[str, str]]] = [
     ),
     (
         "peer timeout too short",
-        [("cluster.peer_timeout_ms", 400)],
-        {"cluster.peer_timeout_ms": "greater than 2 x heartbeat_interval_ms (400)"},
+        [("cluster.peer_timeout_ms", 250)],
+        {"cluster.peer_timeout_ms": "greater than 2 x heartbeat_interval_ms (300)"},
     ),
     (
         "self-fence lease shorter than the peer timeout",
-        [("cluster.self_fence_lease_ms", 900)],
-        {"cluster.self_fence_lease_ms": "at least peer_timeout_ms (1000)"},
+        [("cluster.self_fence_lease_ms", 500)],
+        {"cluster.self_fence_lease_ms": "at least peer_timeout_ms (600)"},
     ),
     (
         "two voters",

