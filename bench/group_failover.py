@@ -9,8 +9,9 @@ time from the kill to the *last* member acknowledging a write sent after the kil
 member has moved and serves). Every record a member acknowledged before the kill is checked on
 its survivor's disk. Between runs the group reprotects by itself.
 
-The full run (sizes 1, 2, 4, 8; median of 5) needs 16 QEMUs for size 8: far more than a
-2-core machine shared with others; ``--quick`` does sizes 1 and 2, one run each.
+The full run (sizes 1, 2, 4, 8; median of 5) starts 16 QEMUs for size 8 and takes about
+9 minutes on 2 cores, where 8 TCG members queue for CPU; ``--quick`` does sizes 1 and 2, one
+run each.
 
 Progress goes to stderr; the last stdout line is one JSON object::
 
