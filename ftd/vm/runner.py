@@ -621,6 +621,8 @@ class VmRunner:
             if saved is None:
                 return
             params, rev, origin = saved["params"], float(saved["rev"]), str(saved["origin"])
+            if not isinstance(params, dict):
+                raise TypeError(f"params is {type(params).__name__}, not an object")
             policy = make_policy(params)
         except (StateError, ConfigError, KeyError, TypeError, ValueError) as err:
             self.events.record(
