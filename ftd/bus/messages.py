@@ -793,25 +793,33 @@ class Freshness:
 
     def admit(self, topic: str, msg: Message) -> Verdict:
         """Decide on ``msg`` received on ``topic`` and remember it when admitted."""
-        key = (msg.host, topic)
+        offline = isinstance(msg, HostRecord) and not msg.online
+        return self.check(msg.host, topic, msg.epoch, msg.seq, offline_record=offline)
+
+    def check(
+        self, host: str, topic: str, epoch: int, seq: int, *, offline_record: bool = False
+    ) -> Verdict:
+        """Decide on ``host``'s (``epoch``, ``seq``) on ``topic`` (any channel with such
+        stamps, e.g. the direct heartbeats) and remember it when admitted."""
+        key = (host, topic)
         seen = self._last.get(key)
         if seen is None:
-            self._last[key] = (msg.epoch, msg.seq)
-            return Verdict(True, f"first message from {msg.host} on {topic}")
-        epoch, seq = seen
-        if msg.epoch > epoch:
-            self._last[key] = (msg.epoch, msg.seq)
-            return Verdict(True, f"{msg.host} started epoch {msg.epoch} (was {epoch})")
-        if msg.epoch < epoch:
-            return Verdict(False, f"stale: epoch {msg.epoch} of {msg.host} is older than {epoch}")
-        if msg.seq > seq:
-            self._last[key] = (epoch, msg.seq)
-            return Verdict(True, f"seq {msg.seq} follows {seq}")
-        if isinstance(msg, HostRecord) and not msg.online:
-            return Verdict(True, f"offline record of {msg.host} ends epoch {epoch}")
-        if msg.seq == seq:
-            return Verdict(False, f"replay: seq {msg.seq} of {msg.host} epoch {epoch} seen")
-        return Verdict(False, f"stale: seq {msg.seq} of {msg.host} is older than {seq}")
+            self._last[key] = (epoch, seq)
+            return Verdict(True, f"first message from {host} on {topic}")
+        last_epoch, last_seq = seen
+        if epoch > last_epoch:
+            self._last[key] = (epoch, seq)
+            return Verdict(True, f"{host} started epoch {epoch} (was {last_epoch})")
+        if epoch < last_epoch:
+            return Verdict(False, f"stale: epoch {epoch} of {host} is older than {last_epoch}")
+        if seq > last_seq:
+            self._last[key] = (last_epoch, seq)
+            return Verdict(True, f"seq {seq} follows {last_seq}")
+        if offline_record:
+            return Verdict(True, f"offline record of {host} ends epoch {last_epoch}")
+        if seq == last_seq:
+            return Verdict(False, f"replay: seq {seq} of {host} epoch {last_epoch} seen")
+        return Verdict(False, f"stale: seq {seq} of {host} is older than {last_seq}")
 
     def forget(self, host: str) -> None:
         """Drop what is known about ``host`` (it left the cluster for good)."""

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftd.bus.messages import Freshness
 from ftd.errors import ConfigError, ConfigIssue, MessageError
 from ftd.log import get_logger
 
@@ -165,7 +166,7 @@ class DirectHeartbeats:
         self.dropped = 0
         self.last_drop: str | None = None
         self._seq = 0
-        self._newest: dict[str, tuple[int, int]] = {}
+        self._freshness = Freshness()
         self._transport: asyncio.DatagramTransport | None = None
 
     async def start(self) -> None:
@@ -179,18 +180,17 @@ class DirectHeartbeats:
     def _received(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
             beat = parse_beat(data, addr[0], self.cluster, self.addresses, self.key)
-            newest = self._newest.get(beat.host)
-            if newest is not None and (beat.epoch, beat.seq) <= newest:
+            verdict = self._freshness.check(beat.host, "direct", beat.epoch, beat.seq)
+            if not verdict.ok:
                 raise MessageError(
-                    f"direct heartbeat from {beat.host}: epoch {beat.epoch} seq {beat.seq} is "
-                    f"not newer than epoch {newest[0]} seq {newest[1]} (replayed or reordered)"
+                    f"direct heartbeat from {beat.host}: not newer than the last accepted, "
+                    f"replayed or reordered ({verdict.reason})"
                 )
         except MessageError as err:
             self.dropped += 1
             self.last_drop = str(err)
             log.info("direct heartbeat dropped", reason=str(err))
             return
-        self._newest[beat.host] = (beat.epoch, beat.seq)
         if beat.host != self.me:
             self.on_beat(beat)
 
