@@ -30,23 +30,28 @@ PLANS = [
     VmPlan("vm2", "b", "a", workloads=("disk",)),
 ]
 PRIMARY = {"vm1": "a", "vm2": "b"}
-GROUP_CFG = {
-    "name": GROUP,
-    "members": ["vm1", "vm2"],
-    "policy": "failover-all",
-    "epoch_interval_ms": 3000,
-    "epoch_timeout_ms": 2500,
-}
+
+
+def protected_group(plans: list[VmPlan], timeout: float = 240) -> Iterator[LabCluster]:
+    """A lab whose VMs form group GROUP under failover-all, every member protected."""
+    cfg = {
+        "name": GROUP,
+        "members": [p.name for p in plans],
+        "policy": "failover-all",
+        "epoch_interval_ms": 3000,
+        "epoch_timeout_ms": 2500,
+    }
+    with LabCluster(plans, guest=build_guest(), groups=[cfg]) as c:
+        for p in plans:
+            c.ftd[p.primary].ctl("protect", p.name)
+        for p in plans:
+            c.wait_vm(p.primary, p.name, lambda v: v["state"] == "protected", timeout, "protected")
+        yield c
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LabCluster]:
-    with LabCluster(PLANS, guest=build_guest(), groups=[GROUP_CFG]) as c:
-        for vm, host in PRIMARY.items():
-            c.ftd[host].ctl("protect", vm)
-        for vm, host in PRIMARY.items():
-            c.wait_vm(host, vm, lambda v: v["state"] == "protected", 240, "protected")
-        yield c
+    yield from protected_group(PLANS)
 
 
 def groups(c: LabCluster, host: str) -> dict[str, Any]:

@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from test_groups import GROUP, fail_over_all, groups, wait_group
+from test_groups import fail_over_all, groups, protected_group, wait_group
 
 from lab.cluster import LabCluster, VmPlan
-from lab.image import build_guest
 
 pytestmark = pytest.mark.real
 PLANS = [
@@ -21,23 +20,11 @@ PLANS = [
     VmPlan("vm3", "a", "b", workloads=("disk",)),
 ]
 PRIMARY = {p.name: p.primary for p in PLANS}
-GROUP_CFG = {
-    "name": GROUP,
-    "members": list(PRIMARY),
-    "policy": "failover-all",
-    "epoch_interval_ms": 3000,
-    "epoch_timeout_ms": 2500,
-}
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LabCluster]:
-    with LabCluster(PLANS, guest=build_guest(), groups=[GROUP_CFG]) as c:
-        for vm, host in PRIMARY.items():
-            c.ftd[host].ctl("protect", vm)
-        for vm, host in PRIMARY.items():
-            c.wait_vm(host, vm, lambda v: v["state"] == "protected", 300, "protected")
-        yield c
+    yield from protected_group(PLANS, timeout=300)
 
 
 def test_epochs_commit_across_three_members(cluster: LabCluster) -> None:
