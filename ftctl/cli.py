@@ -67,6 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
             help="wait up to S seconds for the VM to settle (protected or running)",
         )
 
+    sw = sub.add_parser(
+        "switchover",
+        help="planned switchover: move the primary to its secondary's host (no failure; "
+        "the old primary becomes the new secondary)",
+    )
+    sw.add_argument("vm", nargs="?")
+    sw.add_argument("--group", "-g", help="switch every member of this group over instead")
+    sw.add_argument("--to", help="the host to move to (must be the one holding the secondary)")
+    sw.add_argument(
+        "--wait-protected",
+        action="store_true",
+        help="also wait until protection returns in the reverse direction",
+    )
+    sw.add_argument("--json", action="store_true", dest="json_sub")
+
     pol = sub.add_parser("policy", help="checkpoint policy of a VM")
     pol_sub = pol.add_subparsers(dest="pol_cmd", required=True, metavar="ACTION")
     ps = pol_sub.add_parser(
@@ -134,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.cmd == "failover" and args.group is not None:
             return cmd_group_failover(client, args.group, as_json)
+        if args.cmd == "switchover":
+            return cmd_switchover(args, as_json)
         if args.cmd in ("protect", "failover", "reprotect", "stop"):
             return cmd_vm_op(client, args.cmd, args.vm, as_json, args.wait)
     except RequestError as err:
@@ -399,6 +416,51 @@ def cmd_group_failover(client: ControlClient, group: str, as_json: bool) -> int:
         _print_json(res)
     else:
         print(f"group {group}: {res['reason']} (members: {', '.join(res['members'])})")
+    return 0
+
+
+def cmd_switchover(args: argparse.Namespace, as_json: bool) -> int:
+    if (args.group is None) == (args.vm is None):
+        print("ftctl: switchover needs exactly one of VM and --group", file=sys.stderr)
+        return 2
+    if args.group is not None and (args.to is not None or args.wait_protected):
+        print("ftctl: --to and --wait-protected apply to one VM, not to --group", file=sys.stderr)
+        return 2
+    # A switchover waits for the takeover (seconds); with --wait-protected for the reverse
+    # resync too (minutes): the socket timeout covers what ftd itself waits at most.
+    client = ControlClient(args.socket, timeout=700.0 if args.wait_protected else 90.0)
+    if args.group is not None:
+        res = client.call("group-switchover", {"group": args.group})
+        if as_json:
+            _print_json(res)
+            return 0
+        took = res.get("took_over_after_s", {})
+        print(f"group {args.group}: {res['reason']}")
+        print(render(["member", "took over after"], [[m, f"{took[m]:.2f}s"] for m in took]))
+        print("downtime per member and reprotect: ftctl events")
+        return 0
+    call: dict[str, Any] = {"vm": args.vm, "wait_protected": bool(args.wait_protected)}
+    if args.to is not None:
+        call["to"] = args.to
+    res = client.call("switchover", call)
+    if as_json:
+        _print_json(res)
+        return 0
+    print(
+        f"{res['vm']}: switched over {res['from']} -> {res['to']} ({res['method']}): guest still "
+        f"{res['downtime_ms']:.0f} ms (takeover seen here after {res['takeover_seen_ms']:.0f} ms; "
+        f"checkpoint before it {res['checkpoint_ms']:.0f} ms)"
+    )
+    if res["protected_again_s"] is not None:
+        print(
+            f"protected again ({res['to']} primary, {res['from']} secondary) after "
+            f"{res['protected_again_s']:.1f} s"
+        )
+    else:
+        print(
+            f"reprotect under way ({res['to']} primary, {res['from']} to hold the secondary): "
+            "ftctl status shows its progress"
+        )
     return 0
 
 

@@ -69,3 +69,19 @@ def test_configuration_reference_doc_is_generated_from_the_schema() -> None:
         check=True,
     )
     assert doc.read_text() == r.stdout, "docs/configuration.md is stale: python -m ftd.config"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["switchover"], "exactly one of VM and --group"),
+        (["switchover", "vm1", "--group", "g"], "exactly one of VM and --group"),
+        (["switchover", "--group", "g", "--to", "b"], "apply to one VM, not to --group"),
+        (["switchover", "--group", "g", "--wait-protected"], "apply to one VM, not to --group"),
+    ],
+)
+def test_switchover_arguments_checked_before_asking_ftd(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    r = ftctl("--socket", str(tmp_path / "none.sock"), *args)
+    assert r.returncode == 2 and expected in r.stderr, r.stderr

@@ -16,7 +16,7 @@ from ftd.bus import VmState
 from ftd.bus.memory import MemoryBroker, MemoryBus
 from ftd.config import config_from_data
 from ftd.control.events import EventLog
-from ftd.errors import StateError
+from ftd.errors import RequestError, StateError
 from ftd.group.sync import GroupSync
 from ftd.vm.machine import Event, FailoverRequested, Role, State, VmView
 from ftd.vm.runner import VmRunner
@@ -227,3 +227,52 @@ async def test_failover_all_orders_the_local_primary_of_the_other_member(
     )
     await asyncio.sleep(0.3)
     assert a.runners["v0"].fed == []
+
+
+async def test_group_switchover_order_reaches_every_primary_and_waits_for_takeovers(
+    nodes: tuple[Node, Node, set[str]],
+) -> None:
+    a, b, _ = nodes
+    calls: list[tuple[str, str]] = []
+
+    async def fake_switch(gs: Any, runner: VmRunner) -> None:
+        # Each host switches its own primary over: its peer then publishes the takeover.
+        calls.append((runner.view.peer or "", runner.vm.name))
+        peer = b if runner.view.peer == "b" else a
+        await peer.bus.publish(
+            f"vm/{runner.vm.name}/state/{peer.host}",
+            VmState(vm=runner.vm.name, state="running_unprotected", role="primary", generation=5),
+            retain=True,
+        )
+
+    for n in (a, b):
+        n.sync._switch = fake_switch  # type: ignore[method-assign]
+    for host, vm in (("a", "v0"), ("b", "v1")):
+        bus = a.bus if host == "a" else b.bus
+        msg = VmState(vm=vm, state="protected", role="primary", generation=0)
+        await bus.publish(f"vm/{vm}/state/{host}", msg, retain=True)
+    await asyncio.sleep(0.2)
+    out = await a.sync.order("g", "switchover", timeout_s=5)
+    assert out["op"] == "switchover" and set(out["took_over_after_s"]) == {"v0", "v1"}
+    assert sorted(calls) == [("a", "v1"), ("b", "v0")]
+    # The members' takeovers were ordered: no failover-all orders on top of them.
+    await asyncio.sleep(0.3)
+    assert all(r.fed == [] for n in (a, b) for r in n.runners.values())
+    with pytest.raises(RequestError, match="not one of failover, switchover"):
+        await a.sync.order("g", "reboot")
+    with pytest.raises(RequestError, match="no group 'nope'"):
+        await a.sync.order("nope", "switchover")
+
+
+async def test_group_switchover_that_never_completes_names_the_late_members(
+    nodes: tuple[Node, Node, set[str]],
+) -> None:
+    a, b, _ = nodes
+
+    async def stuck(gs: Any, runner: VmRunner) -> None:
+        return None
+
+    for n in (a, b):
+        n.sync._switch = stuck  # type: ignore[method-assign]
+    with pytest.raises(StateError, match="v0, v1 not seen taking over within 1s"):
+        await a.sync.order("g", "switchover", timeout_s=1)

@@ -251,3 +251,29 @@ def test_synchronizer_ftd_death_hands_the_lease_over(cluster: LabCluster) -> Non
     assert g["synchronizer"] == "b", g
     wait_group(cluster, "a", lambda g: g["synchronizer"] == "b", 30, "a agreeing on b")
     print(f"\nlease handed a->b; commits resumed at epoch {g['committed_epoch']}")
+
+
+def test_switchover_group_moves_every_member_and_one_member_alone_is_refused(
+    cluster: LabCluster,
+) -> None:
+    where = {}
+    for vm in PRIMARY:
+        deadline = time.monotonic() + 180
+        while (h := cluster.primary_host(vm)) is None or any(
+            cluster.vm_status(x, vm)["state"] != "protected" for x in ("a", "b")
+        ):
+            assert time.monotonic() < deadline, f"{vm} not protected again"
+            time.sleep(0.3)
+        where[vm] = h
+    r = cluster.ftd[where["vm1"]].ctl("switchover", "vm1", check=False)
+    assert r.returncode == 2 and "use switchover --group app" in r.stderr, r.stderr
+    out = cluster.ftd["a"].ctl("switchover", "--group", GROUP, timeout=120).stdout
+    assert f"group {GROUP}: group switchover requested by the operator on a" in out, out
+    assert "MEMBER" in out and "vm1" in out and "vm2" in out, out
+    for vm, h in where.items():
+        new = "b" if h == "a" else "a"
+        cluster.wait_vm(new, vm, lambda v: v["role"] == "primary", 30, "took over")
+    events = {h: cluster.ftd[h].ctl("events", "-n", "60").stdout for h in ("a", "b")}
+    for vm, h in where.items():
+        assert f"{vm} switched over {h} -> " in events[h], events[h]
+    print(f"\ngroup switchover:\n{out}")

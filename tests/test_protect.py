@@ -277,6 +277,53 @@ async def test_manual_failover_moves_the_vm(cluster: LabCluster, clients: Client
     assert cluster.primary_host(VM) == s
 
 
+async def test_switchover_swaps_roles_and_protects_again(
+    cluster: LabCluster, clients: Clients
+) -> None:
+    p, s = protected(cluster)
+    # Refused, nothing changes: on the secondary's host, to a host without the secondary, to
+    # the primary's own host.
+    r = cluster.ftd[s].ctl("switchover", VM, check=False)
+    assert r.returncode == 2 and f"{s} holds {VM}'s secondary" in r.stderr, r.stderr
+    r = cluster.ftd[p].ctl("switchover", VM, "--to", "w", check=False)
+    assert r.returncode == 2 and f"secondary runs on {s}" in r.stderr, r.stderr
+    r = cluster.ftd[p].ctl("switchover", VM, "--to", p, check=False)
+    assert r.returncode == 2 and "already runs on" in r.stderr, r.stderr
+    r = cluster.ftd[p].ctl("switchover", check=False)
+    assert r.returncode == 2 and "exactly one of VM and --group" in r.stderr
+    assert protected(cluster, 10) == (p, s)
+
+    await until(lambda: len(clients.disk.acked) >= 10, 30, "10 acked records", clients)
+    acked_before = clients.disk.last_acked
+    assert acked_before is not None
+    started = time.monotonic()
+    out = await asyncio.to_thread(
+        cluster.ftd[p].ctl, "switchover", VM, "--to", s, "--wait-protected", "--json", timeout=300
+    )
+    res = json.loads(out.stdout)
+    assert (res["vm"], res["from"], res["to"], res["method"]) == (VM, p, s, "colo-role-swap")
+    assert 0 < res["downtime_ms"] <= res["takeover_seen_ms"] + 50 < 10_000, res
+    assert res["checkpoint_ms"] > 0 and res["protected_again_s"] > 0, res
+    # Protected again in the reverse direction when the call returned.
+    assert protected(cluster, 5) == (s, p)
+    await assert_nothing_lost(clients, acked_before, started)
+    silence = clients.counter.longest_silence()
+    print(
+        f"\nswitchover {p}->{s}: downtime {res['downtime_ms']:.0f} ms (seen "
+        f"{res['takeover_seen_ms']:.0f} ms), checkpoint {res['checkpoint_ms']:.0f} ms, "
+        f"protected again {res['protected_again_s']:.1f} s; client's longest silence "
+        f"{silence * 1000:.0f} ms"
+    )
+    events = cluster.ftd[p].ctl("events", "-n", "40").stdout
+    assert f"switched over {p} -> {s}" in events and "switchover requested by" in events
+
+    # And back, in the human form, without waiting for protection.
+    out = await asyncio.to_thread(cluster.ftd[s].ctl, "switchover", VM)
+    assert f"{VM}: switched over {s} -> {p} (colo-role-swap)" in out.stdout, out.stdout
+    assert "reprotect under way" in out.stdout
+    assert protected(cluster, 180) == (p, s)
+
+
 def test_bad_requests_change_nothing(cluster: LabCluster) -> None:
     p, s = protected(cluster)
     r = cluster.ftd[p].ctl("failover", "nosuchvm", check=False)

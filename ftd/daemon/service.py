@@ -42,6 +42,7 @@ from ftd.errors import ConfigError, QemuVersionError, RequestError
 from ftd.group.sync import GroupSync
 from ftd.log import get_logger
 from ftd.qemu.runtime import QemuRuntime, QemuVersion, colo_verdict, probe_capabilities
+from ftd.vm.handover import switch_over
 from ftd.vm.machine import (
     FailoverRequested,
     PeerLost,
@@ -460,6 +461,20 @@ class Daemon:
         self.control.register(
             OpSpec("failover", "hand over to the secondary", vm_arg), self._op_failover
         )
+        self.control.register(
+            OpSpec(
+                "switchover",
+                "planned switchover: move the primary to the secondary's host (COLO role swap)",
+                {
+                    **vm_arg,
+                    "to": ArgSpec(str, help="the host to move to (must hold the secondary)"),
+                    "wait_protected": ArgSpec(
+                        bool, help="also wait until protection returns (reverse direction)"
+                    ),
+                },
+            ),
+            self._op_switchover,
+        )
         self.control.register(OpSpec("reprotect", "new secondary", vm_arg), self._op_reprotect)
         self.control.register(OpSpec("stop", "stop the VM", vm_arg), self._op_stop)
         self.control.register(
@@ -478,6 +493,14 @@ class Daemon:
                 {"group": ArgSpec(str, required=True, help="group name")},
             ),
             self._op_group_failover,
+        )
+        self.control.register(
+            OpSpec(
+                "group-switchover",
+                "planned switchover of every member of a group (waits for every takeover)",
+                {"group": ArgSpec(str, required=True, help="group name")},
+            ),
+            self._op_group_switchover,
         )
         self.control.register_stream(
             OpSpec("events-follow", "recent events, then live ones", {"limit": ArgSpec(int)}),
@@ -501,6 +524,25 @@ class Daemon:
 
     async def _op_failover(self, args: dict[str, Any]) -> Any:
         return await self._vm_request(args, FailoverRequested(manual=True))
+
+    async def _op_switchover(self, args: dict[str, Any]) -> Any:
+        r = self._runner(str(args["vm"]))
+        grp = self.cfg.group_of(r.vm.name)
+        to = args.get("to")
+        res = await switch_over(
+            r,
+            host=self.cfg.host,
+            to=None if to is None else str(to),
+            group=None if grp is None else (grp.name, grp.policy),
+            wait_protected=bool(args.get("wait_protected", False)),
+        )
+        self.events.record(
+            "vm",
+            f"switched over {res.from_host} -> {res.to_host} ({res.method}): guest still "
+            f"{res.downtime_ms:.0f}ms, checkpoint before it {res.checkpoint_ms:.0f}ms",
+            vm=res.vm,
+        )
+        return res.to_json()
 
     async def _op_reprotect(self, args: dict[str, Any]) -> Any:
         return await self._vm_request(args, ReprotectRequested())
@@ -531,7 +573,12 @@ class Daemon:
     async def _op_group_failover(self, args: dict[str, Any]) -> Any:
         if self.group_sync is None:
             raise RequestError(f"host {self.cfg.host} takes part in no group")
-        return await self.group_sync.failover(str(args["group"]))
+        return await self.group_sync.order(str(args["group"]), "failover")
+
+    async def _op_group_switchover(self, args: dict[str, Any]) -> Any:
+        if self.group_sync is None:
+            raise RequestError(f"host {self.cfg.host} takes part in no group")
+        return await self.group_sync.order(str(args["group"]), "switchover")
 
     async def _op_hosts(self, args: dict[str, Any]) -> Any:
         now = time.monotonic()

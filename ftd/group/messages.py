@@ -20,7 +20,7 @@ LEASE, EPOCH, ACK, COMMITTED, FAILED, ORDER = (
     "failed",
     "order",
 )
-ORDER_OPS = ("failover",)
+ORDER_OPS = ("failover", "switchover")
 
 
 def _names_problem(what: str, names: list[str]) -> str | None:
@@ -125,7 +125,8 @@ class EpochFailed(GroupMessage):
 
 @dataclass(frozen=True, kw_only=True)
 class GroupOrder(GroupMessage):
-    """An order to every host running a member's primary (``failover --group``)."""
+    """An order to every host running a member's primary (``failover --group``,
+    ``switchover --group``)."""
 
     KIND: ClassVar[str] = "group_order"
 

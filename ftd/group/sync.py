@@ -26,7 +26,7 @@ from ftd.bus import Bus, VmState
 from ftd.bus.messages import Message, topic_group
 from ftd.config.schema import Config, Group
 from ftd.control.events import EventLog
-from ftd.errors import FtError, QemuError, RequestError, StateError
+from ftd.errors import FtError, RequestError, StateError
 from ftd.group import epoch as ep
 from ftd.group.lease import Lease, elect
 from ftd.group.messages import (
@@ -36,6 +36,7 @@ from ftd.group.messages import (
     FAILED,
     LEASE,
     ORDER,
+    ORDER_OPS,
     EpochAck,
     EpochCommitted,
     EpochFailed,
@@ -45,7 +46,7 @@ from ftd.group.messages import (
 )
 from ftd.group.policy import on_member_failover, took_over
 from ftd.log import get_logger
-from ftd.qemu import colo
+from ftd.vm.handover import checkpoint_now, switch_over
 from ftd.vm.machine import FailoverRequested, ReprotectRequested, Role, State
 from ftd.vm.runner import VmRunner
 
@@ -74,32 +75,6 @@ class GroupState:
     generations: dict[str, int] = field(default_factory=dict)
     ordered: dict[str, float] = field(default_factory=dict)
     last_policy: str | None = None
-
-
-async def checkpoint_now(runner: VmRunner, timeout_s: float) -> float:
-    """Trigger a COLO checkpoint of ``runner``'s primary and wait until the trace shows the
-    next checkpoint done; returns the seconds it took.
-
-    Raises StateError when the VM is not a protected primary here or no checkpoint completes
-    within ``timeout_s``; QemuError/QmpError when QEMU cannot be asked.
-    """
-    v = runner.view
-    if v.role is not Role.PRIMARY or v.state is not State.PROTECTED:
-        raise StateError(f"{runner.vm.name} is not a protected primary here ({v.state})")
-    qmp = runner.qmp
-    if qmp is None or not qmp.connected:
-        raise QemuError(f"{runner.vm.name}: no QMP connection to the local QEMU")
-    stats = runner.stats
-    before = stats.count
-    started = time.monotonic()
-    await colo.request_checkpoint(qmp, runner.vm.checkpoint.interval_ms or 2000)
-    while runner.stats is stats and stats.count <= before:
-        if time.monotonic() - started > timeout_s:
-            raise StateError(f"{runner.vm.name}: no checkpoint completed within {timeout_s:.1f}s")
-        await asyncio.sleep(0.01)
-    if runner.stats is not stats:
-        raise StateError(f"{runner.vm.name}: QEMU was relaunched during the checkpoint")
-    return time.monotonic() - started
 
 
 class GroupSync:
@@ -285,7 +260,7 @@ class GroupSync:
                 gs.last_failure = msg.reason
                 self.events.record("group", msg.reason, "warning", group=g, epoch=msg.epoch_no)
             case GroupOrder():
-                self._apply_order(gs, msg.reason or f"group order from {msg.host}")
+                self._apply_order(gs, msg.op, msg.reason or f"group order from {msg.host}")
 
     async def _ack(self, group: str, epoch_no: int, runner: VmRunner, timeout_ms: int) -> None:
         try:
@@ -347,35 +322,97 @@ class GroupSync:
             await asyncio.sleep(0.1)
 
     # --- operator ------------------------------------------------------------------------
-    def _apply_order(self, gs: GroupState, reason: str) -> None:
+    def _apply_order(self, gs: GroupState, op: str, reason: str) -> None:
+        """Apply a group order to this host's primaries of the group's members.
+
+        Every member counts as ordered from now (on every host, since every host gets the
+        order), so their takeovers set off no group policy of their own.
+        """
+        now = self.clock()
+        for vm in gs.group.members:
+            gs.ordered[vm] = now
         applied = []
         for vm in gs.group.members:
             r = self.runners.get(vm)
-            if r is not None and r.view.role is Role.PRIMARY:
+            if r is None or r.view.role is not Role.PRIMARY:
+                continue
+            if op == "switchover":
+                self._spawn(f"group-{gs.group.name}-switchover-{vm}", self._switch(gs, r))
+            else:
                 r.feed(FailoverRequested(manual=False))
-                applied.append(vm)
+            applied.append(vm)
         gs.last_policy = reason
         where = ", ".join(applied) or "no local primary"
         self.events.record(
             "group", f"group {gs.group.name}: {reason} ({where})", group=gs.group.name
         )
 
-    async def failover(self, group: str) -> dict[str, Any]:
-        """Order every member of ``group`` to fail over (``ftctl failover --group``).
+    async def _switch(self, gs: GroupState, runner: VmRunner) -> None:
+        """One member's part of a group switchover; the outcome goes to the events."""
+        g = gs.group.name
+        try:
+            res = await switch_over(runner, host=self.host)
+        except FtError as err:
+            self.events.record(
+                "group",
+                f"group {g}: switchover of {runner.vm.name} failed: {err}",
+                "error",
+                group=g,
+                vm=runner.vm.name,
+            )
+            return
+        self.events.record(
+            "group",
+            f"group {g}: {res.vm} switched over {res.from_host} -> {res.to_host}, guest still "
+            f"{res.downtime_ms:.0f}ms (checkpoint before it {res.checkpoint_ms:.0f}ms)",
+            group=g,
+            vm=res.vm,
+        )
 
-        Raises RequestError for an unknown group or when the order could not be sent.
+    async def order(self, group: str, op: str, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Order every member of ``group`` to fail over or switch over (``ftctl failover
+        --group``, ``ftctl switchover --group``); for a switchover, wait until every member was
+        seen taking over on its other host (``timeout_s``).
+
+        Raises RequestError for an unknown group or op, or when the order could not be sent;
+        StateError when members did not take over in time.
         """
         gs = self.groups.get(group)
         if gs is None:
             known = ", ".join(sorted(self.groups)) or "none"
             raise RequestError(f"no group {group!r} on host {self.host} (groups here: {known})")
-        reason = f"group failover requested by the operator on {self.host}"
+        if op not in ORDER_OPS:
+            raise RequestError(f"group order {op!r} is not one of {', '.join(ORDER_OPS)}")
+        reason = f"group {op} requested by the operator on {self.host}"
+        before = dict(gs.generations)
+        sent = time.monotonic()
         ok = await self.bus.publish(
-            topic_group(group, ORDER), GroupOrder(group=group, op="failover", reason=reason)
+            topic_group(group, ORDER), GroupOrder(group=group, op=op, reason=reason)
         )
         if not ok:
             raise RequestError(f"group {group}: the order was not acknowledged by the broker")
-        return {"group": group, "reason": reason, "members": list(gs.group.members)}
+        out: dict[str, Any] = {"group": group, "op": op, "reason": reason}
+        out["members"] = list(gs.group.members)
+        if op != "switchover":
+            return out
+        seen: dict[str, float] = {}
+        while len(seen) < len(gs.group.members):
+            for m in gs.group.members:
+                if m not in seen and gs.generations.get(m, 0) > before.get(m, 0):
+                    seen[m] = round(time.monotonic() - sent, 3)
+            if time.monotonic() - sent > timeout_s:
+                late = ", ".join(m for m in gs.group.members if m not in seen)
+                raise StateError(
+                    f"group {group}: switchover ordered, but {late} not seen taking over within "
+                    f"{timeout_s:.0f}s (ftctl events: what each host did)"
+                )
+            await asyncio.sleep(0.01)
+        out["took_over_after_s"] = seen
+        return out
+
+    async def failover(self, group: str) -> dict[str, Any]:
+        """``order(group, "failover")``."""
+        return await self.order(group, "failover")
 
     def status(self) -> list[dict[str, Any]]:
         now = self.clock()

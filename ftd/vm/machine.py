@@ -310,10 +310,12 @@ class FailoverRequested:
     """Hand the VM over from its primary to its secondary.
 
     ``manual`` is True for an operator's request (invalid ones raise RequestError), False for
-    the group synchronizer's order (invalid ones are ignored with a reason).
+    the group synchronizer's order (invalid ones are ignored with a reason). ``planned`` marks
+    an operator's switchover (:mod:`ftd.vm.handover`): the same hand-over, named as such.
     """
 
     manual: bool = True
+    planned: bool = False
 
 
 @dataclass(frozen=True)
@@ -823,6 +825,7 @@ def _on_stop(view: VmView, event: StopRequested, now: float) -> Decision:
 
 def _on_failover(view: VmView, event: FailoverRequested, now: float) -> Decision:
     who = "the operator" if event.manual else "the group synchronizer"
+    what = "switchover" if event.planned else "failover"
     if view.role is Role.SECONDARY:
         return _refuse(
             view,
@@ -836,7 +839,7 @@ def _on_failover(view: VmView, event: FailoverRequested, now: float) -> Decision
     match view.state:
         case State.PROTECTED:
             reason = (
-                f"failover requested by {who}: primary paused; {view.peer} takes over from "
+                f"{what} requested by {who}: primary paused; {view.peer} takes over from "
                 "the last checkpoint, then this copy is discarded"
             )
             # Pause, then announce: the secondary runs only once this copy is still.
@@ -849,7 +852,7 @@ def _on_failover(view: VmView, event: FailoverRequested, now: float) -> Decision
                 paused=True,
             )
         case State.FAILING_OVER:
-            return Decision(view, (), f"failover requested by {who}: already failing over")
+            return Decision(view, (), f"{what} requested by {who}: already failing over")
         case State.RUNNING_UNPROTECTED:
             message = (
                 "failover refused: no secondary to fail over to (the VM runs unprotected); "

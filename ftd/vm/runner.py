@@ -269,7 +269,7 @@ class VmRunner:
         # When this ftd (re)started watching its QEMU: counts as a checkpoint for colo_alive,
         # so a restarted ftd gives the link time to show its next checkpoint.
         self._attached_at = 0.0
-        self._launched_at = 0.0
+        self._guest_boot_at = 0.0
         self._colo_entered_at: float | None = None
         # Checkpoint timing: the policy in force (config, or changed live by the operator) and
         # its driver while this host is the protected primary.
@@ -409,7 +409,9 @@ class VmRunner:
         self.stream_lost = False
         self.stats = CheckpointStats()
         self.proc = await QemuProcess.launch(self.spec, role, self.runtime)
-        self._launched_at = time.monotonic()
+        # A primary boots its guest here; a secondary receives one already booted (the
+        # primary's, by migration), which needs no settling once it takes over.
+        self._guest_boot_at = time.monotonic() if role == "primary" else float("-inf")
         await self._connect(self.proc, role)
         if role == "secondary":
             await colo.prepare_secondary(self._qmp(), self.spec)
@@ -484,11 +486,13 @@ class VmRunner:
         (guest kernel faults in the secondary, found in the lab with IDE and e1000 drivers),
         so that a later takeover resumed a broken guest; pairings with a running guest did
         not show it (100-round chaos campaign). Unexplained (a suspicion: translated code
-        that a checkpoint's RAM update does not invalidate); KVM hosts do not wait.
+        that a checkpoint's RAM update does not invalidate); KVM hosts do not wait. Counted
+        from the guest's boot: a former secondary that took over runs a guest booted long
+        ago (it came by migration), so reprotecting it after a switchover does not wait.
         """
         if self.spec.accel != "tcg":
             return
-        wait = self._launched_at + TCG_BOOT_SETTLE_S - time.monotonic()
+        wait = self._guest_boot_at + TCG_BOOT_SETTLE_S - time.monotonic()
         if wait > 0:
             self.events.record(
                 "vm",
@@ -928,6 +932,7 @@ class VmRunner:
             "checkpoints": msg.checkpoints,
             "last_pause_ms": msg.last_pause_ms,
             "reason": msg.reason,
+            "ts": msg.ts,
         }
         self.peer_last = ps
         self._adopt_policy(msg)
