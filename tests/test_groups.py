@@ -32,12 +32,14 @@ PLANS = [
 PRIMARY = {"vm1": "a", "vm2": "b"}
 
 
-def protected_group(plans: list[VmPlan], timeout: float = 240) -> Iterator[LabCluster]:
-    """A lab whose VMs form group GROUP under failover-all, every member protected."""
+def protected_group(
+    plans: list[VmPlan], timeout: float = 240, policy: str = "failover-all"
+) -> Iterator[LabCluster]:
+    """A lab whose VMs form group GROUP under ``policy``, every member protected."""
     cfg = {
         "name": GROUP,
         "members": [p.name for p in plans],
-        "policy": "failover-all",
+        "policy": policy,
         "epoch_interval_ms": 3000,
         "epoch_timeout_ms": 2500,
     }
@@ -114,11 +116,12 @@ async def test_failover_all_moves_every_member(cluster: LabCluster) -> None:
 
 
 async def fail_over_all(
-    cluster: LabCluster, primary: dict[str, str], victim: str
+    cluster: LabCluster, primary: dict[str, str], victim: str, policy: str = "failover-all"
 ) -> dict[str, float]:
-    """With a disk writer on every member, kill -9 ``victim``'s primary QEMU under policy
-    failover-all: every member ends primary on its former secondary (hosts a and b) and keeps
-    every record acknowledged before the kill. Returns seconds from the kill to each takeover.
+    """With a disk writer on every member, kill -9 ``victim``'s primary QEMU under ``policy``
+    (failover-all or rollback: both switch every member to its secondary): every member ends
+    primary on its former secondary (hosts a and b) and keeps every record acknowledged before
+    the kill. Returns seconds from the kill to each takeover.
     """
     for vm, host in primary.items():
         cluster.wait_vm(host, vm, lambda v: v["state"] == "protected", 60, "protected")
@@ -169,7 +172,7 @@ async def fail_over_all(
             assert check.ok, f"{vm}: acknowledged records missing on the survivor: {check}"
         events = json.loads(cluster.ftd["b"].ctl("events", "--json", "-n", "300").stdout)
         assert any(
-            e.get("group") == GROUP and "policy failover-all" in e["message"] for e in events
+            e.get("group") == GROUP and f"policy {policy}" in e["message"] for e in events
         ), events[-20:]
         return moved
     finally:
