@@ -128,6 +128,8 @@ def test_estimator_learns_correction_from_exact_counts() -> None:
     est.sample(DirtySample(0.0, 8.0))  # 2048 pages/s, but only half are distinct pages
     t = 0.0
     for _ in range(30):
+        # Only a run with a sample of its own teaches the correction.
+        est.sample(DirtySample(t + 0.5, 8.0))
         t += 1.0
         raw = 2048.0 * (t - est.last_resumed_at)
         assert est.observe(CheckpointObserved(t, 0.0, round(raw / 2)))
@@ -144,8 +146,121 @@ def test_estimator_learns_correction_from_exact_counts() -> None:
 def test_estimator_correction_is_clamped_against_one_odd_checkpoint() -> None:
     est = DirtyEstimator(ram_pages=RAM_2G, started_at=0.0, smoothing=1.0)
     est.sample(DirtySample(0.0, 1.0))
+    est.sample(DirtySample(5.0, 1.0))  # sampled during the run: it teaches the correction
     est.observe(CheckpointObserved(10.0, 0.0, 10_000_000))
     assert est.correction == pytest.approx(16.0)
+
+
+def test_estimator_learns_correction_only_from_runs_with_a_fresh_sample() -> None:
+    est = DirtyEstimator(ram_pages=RAM_2G, started_at=0.0, smoothing=0.3)
+    est.sample(DirtySample(0.5, 4.0))  # 1024 pages/s from 0.5, sampled while the guest ran
+    # 512 raw pages estimated, 128 found: the ratio 1/4 moves the correction as before.
+    assert est.observe(CheckpointObserved(1.0, 100.0, 128))
+    learnt = 0.25**0.3
+    assert est.correction == pytest.approx(learnt)
+    # The run had its own sample, so the sampled rate stays (corrected).
+    assert est.snapshot(1.1).pages_per_s == pytest.approx(1024.0 * learnt)
+    # The next run (from 1.1) sees no sample: its checkpoint teaches the rate, not the
+    # correction.  4000 pages in 2 s of run time: 2000 pages/s from now on.
+    assert est.observe(CheckpointObserved(3.1, 50.0, 4000))
+    assert est.correction == pytest.approx(learnt)
+    assert est.snapshot(3.15).pages_per_s == pytest.approx(2000.0)
+    assert est.estimate(4.15) == pytest.approx(2000.0)
+    # A sample taken during the pause measured the previous run, not the next one.
+    est.sample(DirtySample(3.12, 4.0))
+    assert est.observe(CheckpointObserved(4.15, 0.0, 500))
+    assert est.correction == pytest.approx(learnt)
+    assert est.snapshot(4.15).pages_per_s == pytest.approx(500.0)
+    # A sample stamped after the checkpoint (its trace line read late) is newer than the
+    # checkpoint's own count: the rate stays, and the run, driven by the old rate, teaches
+    # no correction.
+    est.sample(DirtySample(5.2, 8.0))  # 2048 pages/s
+    assert est.observe(CheckpointObserved(5.15, 0.0, 10))
+    assert est.correction == pytest.approx(learnt)
+    assert est.snapshot(5.3).pages_per_s == pytest.approx(2048.0 * learnt)
+    # That sample fell in the run that followed (resumed at 5.15): its checkpoint learns,
+    # here that the estimate was right (ratio 1).
+    raw = 2048.0 * (6.15 - 5.2)
+    assert est.estimate(6.15) == pytest.approx(raw * learnt)
+    assert est.observe(CheckpointObserved(6.15, 0.0, round(raw)))
+    assert est.correction == pytest.approx(learnt**0.7, rel=1e-3)
+
+
+def test_estimator_keeps_a_held_rate_the_exact_count_confirms() -> None:
+    est = DirtyEstimator(ram_pages=1000, started_at=0.0)
+    est.sample(DirtySample(0.0, 4.0))  # 1024 pages/s, sampled as the run began: not fresh
+    assert est.observe(CheckpointObserved(0.5, 0.0, 511))  # 512 estimated: within a page
+    assert est.snapshot(0.5).pages_per_s == 1024.0
+    # Estimate and count both at guest RAM: the count only bounds the rate from below.
+    assert est.observe(CheckpointObserved(2.5, 0.0, 1000))
+    assert est.snapshot(2.5).pages_per_s == 1024.0
+    assert est.observe(CheckpointObserved(3.0, 0.0, 100))
+    assert est.snapshot(3.0).pages_per_s == pytest.approx(200.0)
+    assert est.correction == 1.0
+
+
+def test_estimator_tail_checkpoints_after_a_burst_do_not_blind_it() -> None:
+    """A burst's rate held after it ends must not teach the correction (lab run, 1 in 5).
+
+    The old estimator held the burst's sampled rate past the burst; the policy fired tail
+    checkpoints that found a few dozen pages against thousands estimated; each dragged the
+    correction towards 1/16, and the next burst went unnoticed until the max interval.
+    """
+    est = DirtyEstimator(ram_pages=RAM_2G, started_at=0.0, smoothing=0.3)
+    policy = DirtyThreshold(8000, min_interval_ms=100, max_interval_ms=10_000)
+    pause = PauseModel().snapshot()
+
+    def decide(now: float) -> tuple[bool, float]:
+        decision = policy.decide(PolicyState.capture(est.snapshot(now), pause), now)
+        return decision.checkpoint_now, decision.next_check_in_ms
+
+    # Steady state: 8 MiB/s sampled once in every run, half of those pages distinct.
+    t = 0.0
+    for _ in range(30):
+        est.sample(DirtySample(t + 0.5, 8.0))
+        t += 1.0
+        raw = 2048.0 * (t - est.last_resumed_at)
+        assert est.observe(CheckpointObserved(t, 0.0, round(raw / 2)))
+    assert est.correction == pytest.approx(0.5, rel=1e-3)
+    learnt = est.correction
+    # A burst: 200 MiB/s sampled (25600 distinct pages/s).  512 pages by the sample, then the
+    # threshold is 7488 pages away: 292.5 ms.
+    est.sample(DirtySample(t + 0.5, 200.0))
+    fire, wait_ms = decide(t + 0.5)
+    assert not fire
+    assert wait_ms == pytest.approx(292.5, abs=0.1)
+    burst_cp = CheckpointObserved(t + 0.5 + wait_ms / 1000.0, 80.0, 8000)
+    assert decide(burst_cp.at)[0]
+    assert est.observe(burst_cp)
+    assert est.correction == pytest.approx(learnt, rel=1e-3)  # the burst was estimated well
+    learnt = est.correction
+    # The burst ends as the guest resumes; no sample says so.  The held rate fires a tail
+    # checkpoint at the threshold (312.5 ms), which finds 41 pages.
+    fire, wait_ms = decide(burst_cp.resumed_at)
+    assert not fire
+    assert wait_ms == pytest.approx(312.5, abs=0.1)
+    tail1 = CheckpointObserved(burst_cp.resumed_at + wait_ms / 1000.0, 20.0, 41)
+    assert decide(tail1.at)[0]
+    assert est.observe(tail1)
+    assert est.correction == learnt
+    # The rate now is the tail's: 41 pages in 312.5 ms of run time.
+    assert est.snapshot(tail1.resumed_at).pages_per_s == pytest.approx(41 / 0.3125, rel=1e-3)
+    assert not decide(tail1.resumed_at + 1.0)[0]
+    # A second small checkpoint 1 s later (the old estimator, its correction cut, fired one
+    # after 0.6 s): 79 pages.
+    tail2 = CheckpointObserved(tail1.resumed_at + 1.0, 20.0, 79)
+    assert est.observe(tail2)
+    assert est.correction == learnt
+    assert est.snapshot(tail2.resumed_at).pages_per_s == pytest.approx(79.0, rel=1e-3)
+    assert est.estimate(tail2.resumed_at + 0.5) == pytest.approx(39.5, rel=1e-3)
+    # The next burst: from its sample the estimate reaches the threshold in about the time
+    # the true 25600 pages/s need (312.5 ms), well before the max interval.
+    burst2 = tail2.resumed_at + 0.5
+    est.sample(DirtySample(burst2, 200.0))
+    fire, wait_ms = decide(burst2)
+    assert not fire
+    assert wait_ms <= 312.5
+    assert decide(burst2 + 0.3125)[0]
 
 
 # --- pause model ------------------------------------------------------------------------------

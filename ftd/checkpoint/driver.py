@@ -208,8 +208,13 @@ class CheckpointDriver:
         """Take one checkpoint parsed from this primary's trace log."""
         if cp.role != "primary":
             return
+        # A checkpoint whose trace line lacked the count still restarts the count; it is
+        # passed as the estimate itself, which neither corrects the estimator nor moves its rate.
+        pages = (
+            cp.dirty_pages if cp.dirty_pages is not None else round(self.dirty.estimate(cp.start))
+        )
         seen = CheckpointObserved(
-            at=cp.start, pause_ms=(cp.pause_s or 0.0) * 1000.0, dirty_pages=cp.dirty_pages or 0
+            at=cp.start, pause_ms=(cp.pause_s or 0.0) * 1000.0, dirty_pages=pages
         )
         if not self.dirty.observe(seen):
             return

@@ -10,11 +10,13 @@ Units used throughout the checkpoint package:
 Two models, both fed by the daemon and read through immutable snapshots:
 
 * :class:`DirtyEstimator` estimates how many pages the guest dirtied since it resumed from the
-  last checkpoint.  Between checkpoints the only signal is the sampled dirty rate
-  (``calc-dirty-rate`` page-sampling under TCG), so the estimate is rate x run time, bounded
-  by guest RAM.  Each checkpoint then reports the exact count (QEMU's
-  ``migration_bitmap_sync_end`` trace line); the ratio of exact to estimated, smoothed, corrects
-  later estimates (sampling bias, pages rewritten many times).
+  last checkpoint.  Between checkpoints the signal is the last known dirty rate, so the
+  estimate is rate x run time, bounded by guest RAM.  That rate is sampled
+  (``calc-dirty-rate`` page-sampling under TCG), sparsely; each checkpoint reports the exact
+  count (QEMU's ``migration_bitmap_sync_end`` trace line).  After a run with a fresh sample,
+  the ratio of exact to estimated, smoothed, corrects later estimates (sampling bias, pages
+  rewritten many times); after a run without one, the exact count over the run time is the
+  more recent rate, and replaces the stale sample.
 * :class:`PauseModel` fits ``pause_ms ~ base + per_page * dirty_pages`` online by recursive
   least squares with forgetting, starting from a prior so it predicts sensibly before any
   checkpoint is seen, and keeping both coefficients non-negative.
@@ -201,7 +203,8 @@ class DirtySnapshot:
     """The dirty-memory estimate at ``at`` and what it extrapolates from.
 
     ``dirty_pages`` were dirtied since ``last_resumed_at`` (corrected, bounded by
-    ``ram_pages``); ``pages_per_s`` is the corrected current rate.
+    ``ram_pages``); ``pages_per_s`` is the corrected current rate; ``rate_known`` is false
+    until a rate has been sampled or observed from a checkpoint.
     """
 
     at: float
@@ -222,11 +225,28 @@ class DirtySnapshot:
 class DirtyEstimator:
     """Estimates pages dirtied since the guest resumed from the last checkpoint.
 
-    The sampled rate is held from one sample to the next (zero-order hold) and integrated over
-    the guest's run time; the guest dirties nothing while stopped for a checkpoint.  Each
-    observed checkpoint compares its exact page count with the raw estimate and updates a
-    correction factor by an exponentially weighted geometric mean (ratios, so over- and
-    under-estimates weigh alike), clamped to [1/16, 16] so one odd checkpoint cannot wreck it.
+    The last known rate is held (zero-order hold) and integrated over the guest's run time;
+    the guest dirties nothing while stopped for a checkpoint.  The estimate is the raw count
+    times a correction factor, bounded by guest RAM.  Each observed checkpoint brings the exact
+    count for the run that ended with it (from when the guest last resumed to the checkpoint):
+
+    * if a rate sample arrived during that run (timed after the resume, not after the
+      checkpoint), the run's raw estimate rests on a current rate: the ratio of exact to raw
+      updates the correction by an exponentially weighted geometric mean (ratios, so over-
+      and under-estimates weigh alike), clamped to [1/16, 16] so one odd checkpoint cannot
+      wreck it;
+    * if the held rate is older than the run (its sample came before the guest resumed), the
+      exact count over the run time is the guest's most recent rate, and replaces it (as the
+      corrected rate) until the next sample.  The correction is left alone: the miss says the
+      rate went stale (a burst ended), not that sampling is biased, and learning from it would
+      shrink the estimates of the next burst.  Exact counts are distinct pages, so this rate is
+      a lower bound of the pages the guest writes (a page rewritten counts once); the
+      correction learnt on sampled rates is the same kind of ratio, and an estimate low for a
+      while is corrected by the next sample.
+
+    A held rate that the exact count confirms to within a page is kept: a count in whole pages
+    says nothing more precise then, and a count at guest RAM, matching an estimate at RAM,
+    only bounds the rate from below.
 
     Raises:
         ValueError: ``ram_pages`` < 1, ``smoothing`` outside (0, 1], a non-finite start time.
@@ -235,6 +255,8 @@ class DirtyEstimator:
     _RATIO_LIMIT = 16.0
     # Below this many estimated pages the ratio is mostly noise (sampling granularity).
     _MIN_PAGES_FOR_CORRECTION = 64.0
+    # An exact count this close to the estimate confirms the held rate (whole pages).
+    _CONFIRMING_PAGES = 1.0
 
     def __init__(self, ram_pages: int, started_at: float, *, smoothing: float = 0.3) -> None:
         if ram_pages < 1:
@@ -247,6 +269,11 @@ class DirtyEstimator:
         self._log_correction = 0.0
         self._rate = 0.0
         self._rate_known = False
+        # When the held rate was measured: a sample's time, or the checkpoint whose run gave it.
+        self._rate_at = -math.inf
+        # The earliest sample timed after the guest last resumed, if any: whether the run that
+        # the next checkpoint ends had a fresh rate.
+        self._run_sampled_at: float | None = None
         self._raw = 0.0
         self._acc_at = started_at
         self._last_checkpoint_at = started_at
@@ -280,32 +307,55 @@ class DirtyEstimator:
     def sample(self, sample: DirtySample) -> None:
         """Take a new rate: pages up to ``sample.at`` count at the old rate, later ones at this.
 
-        A sample timed before the guest last resumed only sets the rate from then on.
+        A sample timed before the guest last resumed only sets the rate from then on; one timed
+        after makes the run fresh, so that its checkpoint may update the correction.
         """
         self._advance(sample.at)
         self._rate = sample.pages_per_s
         self._rate_known = True
+        self._rate_at = sample.at
+        if sample.at > self._last_resumed_at and (
+            self._run_sampled_at is None or sample.at < self._run_sampled_at
+        ):
+            self._run_sampled_at = sample.at
 
     def observe(self, checkpoint: CheckpointObserved) -> bool:
-        """Take an observed checkpoint: correct the estimator, then restart counting.
+        """Take an observed checkpoint: learn from its exact count, then restart counting.
 
-        Returns False, changing nothing, for a checkpoint that started before the last one
-        already observed (a stale or repeated trace line).
+        After a run with a fresh sample the count updates the correction; after a run on a
+        rate sampled before it, the count over the run time replaces the rate (see the class
+        docstring).  Returns False, changing nothing, for a checkpoint that started before the
+        last one already observed (a stale or repeated trace line).
         """
         if checkpoint.at < self._last_checkpoint_at or (
             self._observed_any and checkpoint.at == self._last_checkpoint_at
         ):
             return False
-        # RAM bounds the distinct pages a checkpoint can find dirty.
-        raw = min(float(self._ram), self._raw_at(checkpoint.at))
-        if self._rate_known and raw >= self._MIN_PAGES_FOR_CORRECTION:
-            ratio = max(1.0 / self._RATIO_LIMIT, checkpoint.dirty_pages / raw)
-            ratio = min(self._RATIO_LIMIT, ratio)
-            self._log_correction += self._alpha * (math.log(ratio) - self._log_correction)
+        run_s = checkpoint.at - self._last_resumed_at
+        fresh = self._run_sampled_at is not None and self._run_sampled_at <= checkpoint.at
+        if fresh:
+            # RAM bounds the distinct pages a checkpoint can find dirty.
+            raw = min(float(self._ram), self._raw_at(checkpoint.at))
+            if raw >= self._MIN_PAGES_FOR_CORRECTION:
+                ratio = max(1.0 / self._RATIO_LIMIT, checkpoint.dirty_pages / raw)
+                ratio = min(self._RATIO_LIMIT, ratio)
+                self._log_correction += self._alpha * (math.log(ratio) - self._log_correction)
+        elif self._rate_at <= self._last_resumed_at and run_s > 0:
+            # A sample stamped after the checkpoint (its trace line read late) is newer than
+            # this count and stays; only a rate from before the run gives way.
+            miss = abs(checkpoint.dirty_pages - self.estimate(checkpoint.at))
+            observed = checkpoint.dirty_pages / run_s / self.correction
+            if miss > self._CONFIRMING_PAGES and math.isfinite(observed):
+                self._rate = observed
+                self._rate_known = True
+            self._rate_at = checkpoint.at
         self._last_checkpoint_at = checkpoint.at
         self._last_resumed_at = checkpoint.resumed_at
         self._raw = 0.0
         self._acc_at = max(self._acc_at, checkpoint.resumed_at)
+        # A sample already taken after this resume makes the next run fresh.  (Earlier samples
+        # of that run are not kept: only the latest, which errs towards not learning.)
+        self._run_sampled_at = self._rate_at if self._rate_at > checkpoint.resumed_at else None
         self._observed_any = True
         return True
 
