@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ftctl.client import ControlClient
 from ftctl.table import render
+from ftd.checkpoint.model import PAGES_PER_MIB
 from ftd.config import validate_file
 from ftd.errors import FtError, RequestError
 
@@ -39,6 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="host, QEMU, bus and protected VMs")
     st.add_argument("--json", action="store_true", dest="json_sub")
+
+    tp = sub.add_parser("top", help="live view of this host and its VMs, refreshed (like top)")
+    tp.add_argument(
+        "--interval",
+        type=_positive(float),
+        default=2.0,
+        metavar="S",
+        help="seconds between refreshes (default 2)",
+    )
+    tp.add_argument(
+        "--iterations",
+        type=_positive(int),
+        metavar="N",
+        help="stop after N refreshes (default: until Ctrl-C)",
+    )
+    tp.add_argument(
+        "--json", action="store_true", dest="json_sub", help="one JSON object per refresh per line"
+    )
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="cfg_cmd", required=True, metavar="ACTION")
@@ -125,6 +146,22 @@ POLICY_OPTIONS: list[tuple[str, type, str]] = [
 ]
 
 
+def _positive(kind: type[float] | type[int]) -> Callable[[str], float]:
+    """An argparse type: a finite number > 0 of ``kind``. argparse names the option in its
+    error and exits 2, before any request reaches ftd."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     as_json = bool(args.json or getattr(args, "json_sub", False))
@@ -138,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(client, as_json)
         if args.cmd == "hosts":
             return cmd_hosts(client, as_json)
+        if args.cmd == "top":
+            return cmd_top(client, args.interval, args.iterations, as_json)
         if args.cmd == "events":
             return cmd_events(client, args.limit, args.follow, as_json)
         if args.cmd == "policy":
@@ -250,6 +289,9 @@ def cmd_status(client: ControlClient, as_json: bool) -> int:
     )
     print(f"quorum: {'yes' if st['quorum']['has'] else 'NO'} ({st['quorum']['reason']})")
     print(direct_line(st.get("direct_heartbeats")))
+    guard = (st.get("fencing") or {}).get("guard")
+    if guard is not None:
+        print(guard_line(guard))
     vms = st.get("vms") or []
     print()
     if not vms:
@@ -261,6 +303,16 @@ def cmd_status(client: ControlClient, as_json: bool) -> int:
         if vm.get("sync"):
             print(f"{vm['name']}: {sync_line(vm['sync'])}")
     return 0
+
+
+def guard_line(g: dict[str, Any]) -> str:
+    """The self-fencing guard in one line (ftd.cluster.guard)."""
+    if not g.get("connected"):
+        return f"guard: NOT connected ({g.get('last_error') or 'not yet'})"
+    left = g.get("lease_left_s")
+    lease = "no lease yet" if left is None else f"lease ends in {left:.1f}s"
+    armed = ", ".join(f"{vm} (pid {pid})" for vm, pid in sorted(g["armed"].items())) or "nothing"
+    return f"guard: connected, {lease}, stops {armed} if ftd stops renewing it"
 
 
 def direct_line(d: dict[str, Any] | None) -> str:
@@ -354,6 +406,233 @@ def sync_line(sync: dict[str, Any]) -> str:
     if pct is None:
         return f"resync {sync.get('step')}"
     return f"resync {sync.get('step')}: {pct:.1f}% ({done >> 20}/{total >> 20} MiB)"
+
+
+# --- ftctl top: a live view of this host -------------------------------------------------
+#
+# Pure parts first: top_sample() turns one `status` answer (and the previous sample) into what
+# a refresh shows, render_top() turns a sample into text. cmd_top() is the thin I/O loop. The
+# text view and --json print the same sample, so a script sees exactly what the operator sees.
+
+CLEAR_SCREEN = "\033[H\033[2J"
+
+TOP_HEADERS = [
+    "vm",
+    "state",
+    "role",
+    "peer state",
+    "ckpts",
+    "+ckpts",
+    "/min",
+    "last pause",
+    "avg/p99",
+    "dirty pg/s",
+    "ckpt age",
+    "sync",
+]
+
+
+def top_sample(st: dict[str, Any], prev: dict[str, Any] | None, at: float) -> dict[str, Any]:
+    """One refresh of ``ftctl top`` from a ``status`` answer taken at wall time ``at``.
+
+    ``prev`` is the previous sample (None on the first refresh): it gives the checkpoints taken
+    since then and the changes (VM state or role, quorum, bus) an operator could otherwise miss
+    between two refreshes. Missing fields become None, never an error: the view must keep
+    working against an ftd that reports less.
+    """
+    q = st.get("quorum") or {}
+    bus = st.get("bus") or {}
+    prev_vms = {v["name"]: v for v in (prev or {}).get("vms", [])}
+    restarted = prev is not None and prev.get("pid") != st.get("pid")
+    vms = [
+        _top_vm(vm, None if restarted else prev_vms.get(vm["name"])) for vm in st.get("vms") or []
+    ]
+    sample: dict[str, Any] = {
+        "ts": round(at, 3),
+        "refresh": 1 if prev is None else int(prev["refresh"]) + 1,
+        "elapsed_s": None if prev is None else round(at - float(prev["ts"]), 3),
+        "host": st.get("host"),
+        "cluster": st.get("cluster"),
+        "role": st.get("role"),
+        "pid": st.get("pid"),
+        "uptime_s": st.get("uptime_s"),
+        "bus_connected": bool(bus.get("connected")),
+        "quorum": {k: q.get(k) for k in ("has", "votes", "voters", "reason")},
+        "vms": vms,
+    }
+    sample["changes"] = _top_changes(sample, prev, restarted)
+    return sample
+
+
+def _top_vm(vm: dict[str, Any], prev: dict[str, Any] | None) -> dict[str, Any]:
+    """One VM's row data; ``checkpoints_delta`` is None without a comparable previous row."""
+    cp = vm.get("checkpoints") or {}
+    rate = cp.get("dirty_rate_mbps")
+    if rate is None:
+        rate = (vm.get("checkpoint_policy") or {}).get("dirty_rate_mbps")
+    count = int(cp.get("count") or 0)
+    delta = None
+    if prev is not None and count >= prev["checkpoints"]:
+        delta = count - int(prev["checkpoints"])
+    peer = vm.get("peer_state") or None
+    return {
+        "name": vm["name"],
+        "state": vm.get("state"),
+        "role": vm.get("role"),
+        "peer": vm.get("peer"),
+        "peer_state": {"role": peer.get("role"), "state": peer.get("state")} if peer else None,
+        "reason": vm.get("reason"),
+        "checkpoints": count,
+        "checkpoints_delta": delta,
+        "per_min": cp.get("per_min"),
+        "last_pause_ms": cp.get("last_pause_ms"),
+        "avg_pause_ms": cp.get("avg_pause_ms"),
+        "p99_pause_ms": cp.get("p99_pause_ms"),
+        "dirty_pages_per_s": None if rate is None else round(float(rate) * PAGES_PER_MIB),
+        "checkpoint_age_s": cp.get("age_s"),
+        "sync": vm.get("sync") or None,
+    }
+
+
+def _top_changes(cur: dict[str, Any], prev: dict[str, Any] | None, restarted: bool) -> list[str]:
+    """What changed since the previous refresh, one short phrase each."""
+    if prev is None:
+        return []
+    out = []
+    if restarted:
+        out.append(f"ftd restarted (pid {prev.get('pid')} -> {cur.get('pid')})")
+    if prev["bus_connected"] != cur["bus_connected"]:
+        out.append("bus " + ("connected" if cur["bus_connected"] else "DISCONNECTED"))
+    if prev["quorum"]["has"] != cur["quorum"]["has"]:
+        out.append(f"quorum {_yes(prev['quorum']['has'])} -> {_yes(cur['quorum']['has'])}")
+    before = {v["name"]: v for v in prev["vms"]}
+    for vm in cur["vms"]:
+        old = before.get(vm["name"])
+        if old is None:
+            out.append(f"{vm['name']} appeared ({vm['state']})")
+        elif (old["state"], old["role"]) != (vm["state"], vm["role"]):
+            out.append(
+                f"{vm['name']} {old['state']}/{old['role']} -> {vm['state']}/{vm['role']}"
+                + (f" ({vm['reason']})" if vm.get("reason") else "")
+            )
+    now = {v["name"] for v in cur["vms"]}
+    out.extend(f"{name} gone" for name in before if name not in now)
+    return out
+
+
+def render_top(sample: dict[str, Any], interval: float) -> str:
+    """The text of one refresh: a time line, the host line, one row per VM, then what changed
+    since the previous refresh."""
+    q = sample["quorum"]
+    clock = time.strftime("%H:%M:%S", time.localtime(sample["ts"]))
+    up = sample.get("uptime_s")
+    lines = [
+        f"ftctl top  {clock}  refresh {sample['refresh']} every {interval:g}s"
+        + (f"  ftd up {up:.0f}s" if up is not None else ""),
+        f"host {sample['host']}  cluster {sample['cluster']}  role {sample['role']}  "
+        f"bus {'connected' if sample['bus_connected'] else 'DISCONNECTED'}  "
+        f"quorum {_yes(q['has'])} ({q['votes']}/{q['voters']} votes: {q['reason']})",
+        "",
+    ]
+    if sample["vms"]:
+        lines.append(render(TOP_HEADERS, [_top_row(vm) for vm in sample["vms"]]))
+    else:
+        lines.append("no VMs configured on this host")
+    if sample["changes"]:
+        lines += ["", "since last refresh: " + "; ".join(sample["changes"])]
+    return "\n".join(lines)
+
+
+def _top_row(vm: dict[str, Any]) -> list[object]:
+    peer = vm["peer_state"]
+    delta = vm["checkpoints_delta"]
+    age = vm["checkpoint_age_s"]
+    avg, p99 = vm["avg_pause_ms"], vm["p99_pause_ms"]
+    return [
+        vm["name"],
+        vm["state"],
+        vm["role"],
+        f"{peer['role'] or '-'}/{peer['state'] or '-'}" if peer else None,
+        vm["checkpoints"],
+        None if delta is None else f"+{delta}",
+        vm["per_min"],
+        _ms(vm["last_pause_ms"]),
+        None if avg is None and p99 is None else f"{_ms(avg) or '-'}/{_ms(p99) or '-'}",
+        _si(vm["dirty_pages_per_s"]),
+        None if age is None else f"{age:.1f}s",
+        _sync_cell(vm["sync"]),
+    ]
+
+
+def _yes(has: object) -> str:
+    return "yes" if has else "NO"
+
+
+def _ms(v: float | None) -> str | None:
+    return None if v is None else f"{v:.0f}ms"
+
+
+def _si(v: float | None) -> str | None:
+    """A count in at most five characters: 950, 12.3k, 4.5M."""
+    if v is None:
+        return None
+    if v < 10_000:
+        return f"{v:.0f}"
+    if v < 10_000_000:
+        return f"{v / 1000:.1f}k"
+    return f"{v / 1_000_000:.1f}M"
+
+
+def _sync_cell(sync: dict[str, Any] | None) -> str | None:
+    if not sync:
+        return None
+    pct = sync.get("percent")
+    if pct is None:
+        return str(sync.get("step"))
+    done, total = int(sync.get("done") or 0), int(sync.get("total") or 0)
+    return f"{sync.get('step')} {pct:.1f}% ({done >> 20}/{total >> 20} MiB)"
+
+
+def cmd_top(client: ControlClient, interval: float, iterations: int | None, as_json: bool) -> int:
+    """Refresh the view every ``interval`` s until ``iterations`` refreshes or Ctrl-C (exit 0).
+
+    On a terminal each refresh redraws the screen; into a pipe or file refreshes follow one
+    another after a blank line, without escape codes; with ``as_json`` one JSON line each.
+    """
+    clear = not as_json and sys.stdout.isatty()
+    prev: dict[str, Any] | None = None
+    next_at = time.monotonic()
+    try:
+        while True:
+            sample = top_sample(_top_status(client, prev), prev, time.time())
+            if as_json:
+                print(json.dumps(sample, sort_keys=True, default=str), flush=True)
+            else:
+                head = CLEAR_SCREEN if clear else ("\n" if prev is not None else "")
+                print(head + render_top(sample, interval), flush=True)
+            prev = sample
+            if iterations is not None and sample["refresh"] >= iterations:
+                return 0
+            next_at = max(next_at + interval, time.monotonic())
+            time.sleep(next_at - time.monotonic())
+    except KeyboardInterrupt:
+        return 0
+
+
+def _top_status(client: ControlClient, prev: dict[str, Any] | None) -> dict[str, Any]:
+    """ftd's ``status``; a daemon lost mid-run becomes one FtError line (exit 1), whatever the
+    socket said (refused, reset, closed)."""
+    try:
+        return dict(client.call("status"))
+    except RequestError:
+        raise
+    except (FtError, OSError) as err:
+        what = str(err)
+        if not isinstance(err, FtError):
+            what = f"lost ftd at {client.path}: {err.strerror or err}"
+        if prev is not None:
+            what = f"ftd went away after {prev['refresh']} refreshes: {what}"
+        raise FtError(what) from err
 
 
 SETTLED = {"protected", "running_unprotected", "stopped", "failed"}

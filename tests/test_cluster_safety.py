@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -135,6 +136,58 @@ async def test_link_cut_primary_is_fenced_before_takeover(cluster: LabCluster) -
             disk.abort()
         # The cut host comes back as the new secondary.
         assert protected(cluster, 120) == (s, p)
+    smp.assert_safe(min_rounds=100)
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` still runs: a killed child of a stopped ftd stays a zombie until reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+def test_hung_ftd_on_a_cut_host_the_guard_stops_its_primary(cluster: LabCluster) -> None:
+    """The case ftd's own self-fencing cannot cover: the primary host's ftd hangs (SIGSTOP)
+    and the host is cut off. The guard process, fed by ftd with the lease, counts it down on
+    its own and kills the primary QEMU before the survivor takes over."""
+    p, s = protected(cluster)
+    st = cluster.ftd[p].status()
+    guard = st["fencing"]["guard"]
+    assert guard["connected"] and guard["armed"].get(VM) == cluster.vm_status(p, VM)["qemu_pid"]
+    assert 0 < guard["lease_left_s"] <= st["fencing"]["lease_s"], guard
+    qemu = cluster.vm_status(p, VM)["qemu_pid"]
+    ftd_pid = int(st["pid"])
+    assert "guard: connected, lease ends in" in cluster.ftd[p].ctl("status").stdout
+    assert f"stops {VM} (pid {qemu})" in cluster.ftd[p].ctl("status").stdout
+    with sampler(cluster) as smp:
+        os.kill(ftd_pid, signal.SIGSTOP)
+        try:
+            cluster.lab.cut(p)
+            cut_at = time.monotonic()
+            deadline = cut_at + 60
+            gone_at = None
+            while cluster.vm_status(s, VM)["role"] != "primary":
+                if gone_at is None and not running(qemu):
+                    gone_at = time.monotonic() - cut_at
+                assert time.monotonic() < deadline, cluster.ftd[s].tail(3000)
+                time.sleep(0.05)
+            took = time.monotonic() - cut_at
+            assert not running(qemu), "the hung host's primary still runs"
+            lease = cluster.ftd[s].status()["fencing"]["takeover_after_s"]
+            assert took >= lease * 0.9, f"took over after {took:.2f}s, before the lease {lease}s"
+            print(
+                f"\nhung ftd + link cut: guard killed the primary {gone_at}s after the cut, "
+                f"takeover after {took:.2f}s (lease wait {lease}s)"
+            )
+        finally:
+            os.kill(ftd_pid, signal.SIGCONT)
+            cluster.lab.restore(p)
+        # The resumed ftd learns what its guard did, and the host comes back as the secondary.
+        assert protected(cluster, 120) == (s, p)
+        events = cluster.ftd[p].ctl("events", "-n", "80").stdout
+        assert f"the guard stopped the primary of {VM} (pid {qemu}): killed: lease ended" in events
     smp.assert_safe(min_rounds=100)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab.cluster import FtdProcess, cluster_config, write_config
+from lab.cluster import FTCTL, FtdProcess, cluster_config, write_config
 from lab.netns import Lab
 
 pytestmark = pytest.mark.real
@@ -76,6 +76,65 @@ def test_ftd_status_membership_and_clean_stop(lab: Lab) -> None:
     assert a.stop() == 0
     assert not a.socket.exists(), "control socket left behind"
     assert "ftd stopped" in a.tail()
+
+
+def _top_ready(lab: Lab) -> FtdProcess:
+    """a and its witness up, the bus connected and w seen alive: quorum as top must show it."""
+    a = _start(lab, "a")
+    w = _start(lab, "w", witness=True)
+    a.wait_ready()
+    w.wait_ready()
+    _wait(lambda: a.status()["bus"]["connected"], 10, "bus connected on a")
+    _wait(lambda: all(p["alive"] for p in a.status()["peers"]), 10, "a sees w alive")
+    return a
+
+
+def test_ftctl_top_refreshes_against_a_real_ftd(lab: Lab) -> None:
+    a = _top_ready(lab)
+    t0 = time.monotonic()
+    r = a.ctl("top", "--iterations", "2", "--interval", "0.5")
+    took = time.monotonic() - t0
+    assert r.returncode == 0 and 0.5 <= took < 10, (took, r.stderr)
+    print(r.stdout)
+    assert "\033" not in r.stdout, "escape codes into a pipe"
+    refreshes = r.stdout.split("\n\nftctl top ")
+    assert len(refreshes) == 2, r.stdout
+    for n, text in enumerate(refreshes, 1):
+        assert f"refresh {n} every 0.5s" in text
+        assert "host a  cluster " in text and "role vm-host  bus connected  quorum yes (2/2" in text
+        assert "no VMs configured on this host" in text
+
+    # ftd stops under a running top: one line on stderr, exit 1, no traceback.
+    top = subprocess.Popen(
+        [*FTCTL, "--socket", str(a.socket), "top", "--interval", "0.3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)  # a few refreshes
+        assert a.stop() == 0
+        out, err = top.communicate(timeout=10)
+    finally:
+        top.kill()
+    assert top.returncode == 1, err
+    assert err.startswith("ftctl: ftd went away after ") and len(err.splitlines()) == 1, err
+    assert out.count("bus connected") >= 2
+
+
+def test_ftctl_top_json_lines_against_a_real_ftd(lab: Lab) -> None:
+    a = _top_ready(lab)
+    r = a.ctl("top", "--json", "--iterations", "2", "--interval", "0.5")
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2, r.stdout
+    first, second = (json.loads(line) for line in lines)
+    assert [first["refresh"], second["refresh"]] == [1, 2]
+    assert first["elapsed_s"] is None and 0.3 <= second["elapsed_s"] < 5
+    for s in (first, second):
+        assert s["host"] == "a" and s["role"] == "vm-host" and s["bus_connected"] is True
+        assert s["quorum"]["has"] is True and s["quorum"]["votes"] == 2, s["quorum"]
+        assert s["vms"] == [] and s["changes"] == []
+    assert a.stop() == 0
 
 
 def test_ftd_witness_status_has_no_qemu(lab: Lab) -> None:

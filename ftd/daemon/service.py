@@ -28,6 +28,7 @@ from ftd.cluster.fencing import (
     fencing_plan,
     make_agent,
 )
+from ftd.cluster.guard import GuardClient
 from ftd.cluster.membership import Member, Membership, QuorumVerdict
 from ftd.cluster.scope import scope_of
 from ftd.config import Config, load_config
@@ -130,6 +131,7 @@ class Daemon:
         self._last_auto_reprotect: dict[str, float] = {}
         self.group_sync: GroupSync | None = None
         self.direct: DirectHeartbeats | None = None
+        self.guard: GuardClient | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     async def run(self) -> int:
@@ -175,6 +177,8 @@ class Daemon:
                     runner = VmRunner(self.cfg, vm, rt, self.bus, self.events)
                     self.runners[vm.name] = runner
                     self.supervisor.spawn(f"vm-{vm.name}", runner.run())
+            if self.cfg.this_host.fence.agent == "self":
+                self._start_guard()
             self.supervisor.spawn("detector", self._detector())
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.supervisor.stop, "SIGTERM")
@@ -194,6 +198,9 @@ class Daemon:
             self.notifier.stopping()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            if self.guard is not None and self.supervisor.stop_reason in ("SIGTERM", "SIGINT"):
+                # Stopped on purpose: the guests keep running, unguarded, until ftd is back.
+                await self.guard.stand_down()
             await self.control.close()
             if self.metrics is not None:
                 await self.metrics.close()
@@ -203,6 +210,28 @@ class Daemon:
                 await self.bus.close(clean=True)
             self.log.info("ftd stopped", reason=self.supervisor.stop_reason)
         return 0
+
+    def _start_guard(self) -> None:
+        """The self-fencing guard (ftd.cluster.guard), fed from the detector; what it did
+        while ftd was away or hung becomes events."""
+
+        def fenced(rec: dict[str, Any]) -> None:
+            self.self_fenced = True
+            self.events.record(
+                "fence",
+                f"the guard stopped the primary of {rec.get('vm')} (pid {rec.get('pid')}): "
+                f"{rec.get('result')}: {rec.get('reason')}",
+                "error",
+                vm=str(rec.get("vm")),
+            )
+
+        self.guard = GuardClient(
+            Path(self.cfg.paths.run_dir) / "guard.sock",
+            Path(self.cfg.paths.state_dir) / "guard-fenced.jsonl",
+            log=lambda m: self.events.record("fence", m),
+            on_fenced=fenced,
+        )
+        self.supervisor.spawn("guard", self.guard.run())
 
     async def _check_qemu(self) -> None:
         rt = runtime_for(self.cfg)
@@ -406,6 +435,20 @@ class Daemon:
             return
         echoes = [t for t in (self.own_hb_at, self.own_direct_echo_at) if t is not None]
         d = self.self_fence.observe(now, has_quorum, max(echoes) if echoes else None)
+        if self.guard is not None:
+            # The guard counts the same lease down from the last contact with a quorum; it is
+            # renewed only by real contact (a restarted ftd does not extend it before that).
+            deadline = (
+                self.self_fence.last_contact + self.lease.lease_s
+                if has_quorum and not d.fence_now
+                else None
+            )
+            primaries = {
+                n: r.proc.pid
+                for n, r in self.runners.items()
+                if r.view.role is Role.PRIMARY and r.proc is not None and r.proc.alive()
+            }
+            self.guard.update(deadline, primaries)
         if not d.fence_now:
             self.self_fenced = False
             return
@@ -712,6 +755,7 @@ class Daemon:
                 "self_fenced": self.self_fenced,
                 "lease_s": self.lease.lease_s,
                 "takeover_after_s": round(self.lease.takeover_after_s, 2),
+                "guard": None if self.guard is None else self.guard.status(),
                 "peers": {
                     p: {"ok": s["ok"], "reason": s["reason"]} for p, s in self.fence_state.items()
                 },
