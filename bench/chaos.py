@@ -13,8 +13,14 @@ injects one fault at a random moment, heals it, waits for protection again, and 
 
 Progress on stderr; a table, then one JSON object as the last stdout line: ``rounds``,
 ``violations`` (list), ``recovery_s`` ({p50, p99}), ``by_fault`` (rounds and violations per
-fault). Exit status 1 on any violation. Not covered yet: filling the secondary's disk, and
-the issue's 3 hosts x 4 VMs x 2 groups scale (too many TCG guests for 2 cores).
+fault). Exit status 1 on any violation. Not covered yet: the issue's 3 hosts x 4 VMs x 2
+groups scale (too many TCG guests for 2 cores).
+
+Faults: kill -9 of the primary or the secondary QEMU, kill -9 of an ftd (restarted 1-4 s
+later), a host's death (its ftd and QEMU, ftd restarted 3 s later), a cut of the primary's
+link (8-12 s), a partition between the VM hosts (6-10 s), the broker stopped (5-15 s), the
+primary QEMU frozen with SIGSTOP (6-10 s), the secondary's disk full (its COLO overlay
+directory, a tmpfs here, filled for 8-12 s), corrupt bus messages.
 """
 
 from __future__ import annotations
@@ -33,13 +39,16 @@ from dataclasses import dataclass, field
 from ftctl.table import render
 from ftd.errors import LabError
 from lab.clients import DISK_PORT, DiskWriterClient
-from lab.cluster import LabCluster, VmPlan
+from lab.cluster import LabCluster, VmPlan, host_dirs
 from lab.image import build_guest
 from lab.invariants import PrimarySampler
 from lab.netns import list_namespaces
 
 VM = "vm1"
 PROTECT_BOUND_S = 150.0
+#: Burst writers (fill_secondary_disk) use sectors from here on, 4000 per burst; the main
+#: writer stays far below (20 records/s).
+BURST_SECTOR = 60000
 
 
 def say(msg: str) -> None:
@@ -62,6 +71,8 @@ class Campaign:
         self.disk: DiskWriterClient | None = None
         self.task: asyncio.Task[None] | None = None
         self.first_sector = 1
+        #: (first, last acknowledged) record of each burst writer, checked after each round.
+        self.bursts: list[tuple[int, int]] = []
 
     # -- helpers ----------------------------------------------------------------------------
     async def protected(self, bound: float = PROTECT_BOUND_S) -> tuple[str, str]:
@@ -92,6 +103,21 @@ class Campaign:
         if f.proc is not None:
             f.proc.send_signal(signal.SIGKILL)
             f.proc.wait(10)
+
+    async def burst(self, seconds: float) -> None:
+        """Write records as fast as the guest acks them, for ``seconds``, on a second
+        connection and a sector range of its own; what was acknowledged is checked once the
+        VM is protected again (``self.bursts``)."""
+        start = BURST_SECTOR + 4000 * len(self.bursts)
+        r, w = await self.c.lab.open_connection(self.c.client, self.c.vm_address(VM), DISK_PORT)
+        b = DiskWriterClient(r, w, start=start, rate=None, answer_timeout=60)
+        task = asyncio.create_task(b.run(count=3000), name="burst-writer")
+        await asyncio.sleep(seconds)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        b.abort()
+        if b.last_acked is not None:
+            self.bursts.append((start, b.last_acked))
 
     def qemu_pid(self, host: str) -> int | None:
         try:
@@ -149,6 +175,24 @@ class Campaign:
                 await asyncio.sleep(self.rng.uniform(6, 10))
                 os.kill(pid, signal.SIGCONT)
             return p
+        if name == "fill_secondary_disk":
+            # Fill the tmpfs that holds the secondary's COLO overlays, as its QEMU sees it,
+            # while a second client makes the guest write new blocks (a full disk matters when
+            # the overlays must grow; the steady writer alone reuses their clusters).
+            # One process fills, waits and frees, inside the QEMU's mount namespace: the
+            # secondary QEMU is killed meanwhile (its copy broken), and its namespace would be
+            # out of reach afterwards.
+            pid = self.qemu_pid(s)
+            if pid:
+                fill = host_dirs(c.lab, s)[1] / "colo" / "fill"
+                secs = self.rng.uniform(8, 12)
+                script = 'dd if=/dev/zero of="$1" bs=1M 2>/dev/null; sleep "$2"; rm -f "$1"'
+                argv = ["nsenter", "-t", str(pid), "-m", "sh", "-c", script, "sh", str(fill)]
+                proc = await asyncio.create_subprocess_exec(*argv, f"{secs:.1f}")
+                await self.burst(secs)
+                if await asyncio.wait_for(proc.wait(), 60) != 0:
+                    raise LabError(f"filling {fill} failed (exit {proc.returncode})")
+            return s
         if name == "corrupt_bus":
             prefix = f"ftd/lab{c.lab.id}"
             for topic, payload in (
@@ -205,6 +249,10 @@ class Campaign:
                 return rnd
             if not check.ok:
                 rnd.violations.append(f"acknowledged records lost: {check}")
+            for first, last in self.bursts:
+                burst = await self.disk.verify(first, last)
+                if not burst.ok:
+                    rnd.violations.append(f"acknowledged burst records lost: {burst}")
         return rnd
 
 
@@ -217,8 +265,12 @@ FAULTS = (
     "partition",
     "broker_stop",
     "sigstop_qemu",
+    "fill_secondary_disk",
     "corrupt_bus",
 )
+#: The lab gives each VM host's COLO overlay directory a tmpfs of this size, for
+#: fill_secondary_disk (a secondary needs 64 MiB free there to be launched).
+OVERLAY_TMPFS_MIB = 128
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -232,7 +284,7 @@ async def campaign(rounds: int, seed: int) -> dict[str, object]:
     rng = random.Random(seed)
     results: list[Round] = []
     leaks: list[str] = []
-    c = LabCluster([VmPlan(VM, "a", "b")], guest=build_guest())
+    c = LabCluster([VmPlan(VM, "a", "b")], guest=build_guest(), overlay_tmpfs_mib=OVERLAY_TMPFS_MIB)
     with c:
         c.ftd["a"].ctl("protect", VM)
         sockets = {

@@ -136,11 +136,22 @@ def vm_address(lab: Lab, vms: Sequence[VmPlan], name: str) -> str:
 class FtdProcess:
     """One ftd daemon in a lab host, and ftctl against it."""
 
-    def __init__(self, lab: Lab, host: str, config: Path, witness: bool = False) -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        host: str,
+        config: Path,
+        witness: bool = False,
+        overlay_tmpfs_mib: int | None = None,
+    ) -> None:
+        """``overlay_tmpfs_mib``: give the host's COLO overlay directory (``run_dir/colo``) a
+        tmpfs of that size, mounted in ftd's own mount namespace at each start (``ip netns
+        exec`` gives every process a namespace of its own): a disk the lab can fill."""
         self.lab = lab
         self.host = host
         self.config = config
         self.witness = witness
+        self.overlay_tmpfs_mib = overlay_tmpfs_mib
         self.proc: subprocess.Popen[bytes] | None = None
         _, run_dir = host_dirs(lab, host)
         self.socket = run_dir / "ftd.sock"
@@ -151,6 +162,17 @@ class FtdProcess:
         argv = [*FTD, "--config", str(self.config)]
         if self.witness:
             argv.append("--witness")
+        if self.overlay_tmpfs_mib is not None:
+            colo = host_dirs(self.lab, self.host)[1] / "colo"
+            argv = [
+                "sh",
+                "-c",
+                'mkdir -p "$1" && mount -t tmpfs -o "size=$2m" tmpfs "$1" && shift 2 && exec "$@"',
+                "sh",
+                str(colo),
+                str(self.overlay_tmpfs_mib),
+                *argv,
+            ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         e = dict(os.environ if env is None else env)
@@ -249,8 +271,10 @@ class LabCluster:
         guest: GuestImage | None = None,
         extra_cluster: dict[str, Any] | None = None,
         groups: Sequence[dict[str, Any]] = (),
+        overlay_tmpfs_mib: int | None = None,
     ) -> None:
         self.plans = list(vms)
+        self.overlay_tmpfs_mib = overlay_tmpfs_mib
         self.vm_hosts = list(vm_hosts)
         self.witness = witness
         self.client = client
@@ -275,7 +299,11 @@ class LabCluster:
                     groups=self.groups,
                 )
                 self.ftd[h] = FtdProcess(
-                    self.lab, h, write_config(self.lab, h, doc), witness=h == self.witness
+                    self.lab,
+                    h,
+                    write_config(self.lab, h, doc),
+                    witness=h == self.witness,
+                    overlay_tmpfs_mib=None if h == self.witness else self.overlay_tmpfs_mib,
                 )
                 self.ftd[h].start()
             for f in self.ftd.values():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,10 +17,12 @@ import pytest
 
 from ftd.control.events import EventLog
 from ftd.daemon.notify import Notifier
+from ftd.daemon.service import reprotect_backoff_s
 from ftd.daemon.state import next_boot_epoch, read_json, write_json_atomic
 from ftd.daemon.supervisor import Supervisor, TaskDiedError
 from ftd.errors import QemuVersionError, StateError
 from ftd.qemu.runtime import QemuRuntime, QemuVersion, colo_verdict, parse_version
+from ftd.vm.runner import io_error_message, overlay_space_problem
 
 
 def test_notify_real_socket(tmp_path: Path) -> None:
@@ -157,3 +160,44 @@ def test_event_log_json_serialisable() -> None:
     ev = EventLog("a")
     ev.record("daemon", "hello", vm="web1")
     assert json.loads(json.dumps(ev.history()))[0]["vm"] == "web1"
+
+
+def test_reprotect_backoff_doubles_to_a_cap() -> None:
+    assert [reprotect_backoff_s(n) for n in (0, 1, 2, 3, 4, 5, 50)] == [
+        5.0,
+        5.0,
+        10.0,
+        20.0,
+        30.0,
+        30.0,
+        30.0,
+    ]
+
+
+def test_overlay_space_problem_names_the_directory_and_the_need(tmp_path: Path) -> None:
+    # The overlay directory need not exist yet: its nearest existing parent is measured.
+    assert shutil.disk_usage(tmp_path).free > 64 * 2**20, "the test needs 64 MiB free"
+    assert overlay_space_problem(tmp_path / "colo" / "vm1", 1) is None
+    # The need is capped at 64 MiB, whatever the disk's size.
+    assert overlay_space_problem(tmp_path / "colo" / "vm1", 2**40) is None
+    full = Path("/proc")  # a filesystem with no free space
+    problem = overlay_space_problem(full / "nosuchdir", 64)
+    assert problem is not None and "/proc/nosuchdir has 0.0 MiB free" in problem
+    assert "a secondary needs 64 MiB" in problem
+
+
+def test_io_error_message() -> None:
+    msg = io_error_message(
+        {
+            "node-name": "active",
+            "operation": "write",
+            "reason": "No space left on device",
+            "nospace": True,
+        },
+        Path("/run/ftd/colo/vm1"),
+    )
+    assert msg == (
+        "write error on active: No space left on device (no space left; overlays in "
+        "/run/ftd/colo/vm1)"
+    )
+    assert io_error_message({}, Path("/x")) == "I/O error on ?: unknown"

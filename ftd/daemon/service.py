@@ -76,6 +76,14 @@ def runtime_for(cfg: Config) -> QemuRuntime:
     return QemuRuntime(tree=cfg.qemu.runtime_tree)
 
 
+def reprotect_backoff_s(tries: int) -> float:
+    """Seconds between automatic reprotect attempts after ``tries`` that failed in a row:
+    5 s, then doubling up to 30 s. Short enough that a VM is protected again soon after a
+    transient cause (a partition) heals, long enough that a lasting one (a full disk on the
+    secondary) is not a storm of relaunches."""
+    return float(min(30.0, 5.0 * 2 ** max(0, tries - 1)))
+
+
 class Daemon:
     def __init__(
         self,
@@ -129,6 +137,7 @@ class Daemon:
         self._fence_tasks: dict[str, asyncio.Task[None]] = {}
         self._quorum_held: bool | None = None
         self._last_auto_reprotect: dict[str, float] = {}
+        self._reprotect_tries: dict[str, int] = {}
         self.group_sync: GroupSync | None = None
         self.direct: DirectHeartbeats | None = None
         self.guard: GuardClient | None = None
@@ -465,9 +474,24 @@ class Daemon:
     def _maybe_auto_reprotect(self, r: VmRunner, now: float) -> None:
         if r.vm.reprotect != "auto" or r.view.state is not State.RUNNING_UNPROTECTED:
             return
-        if now - self._last_auto_reprotect.get(r.vm.name, 0.0) < 5.0:
+        last = self._last_auto_reprotect.get(r.vm.name, 0.0)
+        tries = self._reprotect_tries.get(r.vm.name, 0)
+        wait = reprotect_backoff_s(tries)
+        if now - last < wait:
             return
+        # An attempt that fell back within a minute counts as failed: the next waits longer,
+        # so a cause that persists (a full disk on the secondary) does not make a storm.
+        tries = tries + 1 if now - last < wait + 60.0 else 1
+        self._reprotect_tries[r.vm.name] = tries
         self._last_auto_reprotect[r.vm.name] = now
+        if tries > 1:
+            self.events.record(
+                "vm",
+                f"automatic reprotect, attempt {tries} (the last one fell back within a minute;"
+                f" next wait {reprotect_backoff_s(tries):.0f}s)",
+                "warning",
+                vm=r.vm.name,
+            )
         r.feed(ReprotectRequested())
 
     async def _watchdog(self, interval: float) -> None:

@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import shutil
 import signal
 import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ftd.aio import bounded
@@ -270,6 +272,7 @@ class VmRunner:
         # so a restarted ftd gives the link time to show its next checkpoint.
         self._attached_at = 0.0
         self._guest_boot_at = 0.0
+        self._kill_task: asyncio.Task[None] | None = None
         self._colo_entered_at: float | None = None
         # Checkpoint timing: the policy in force (config, or changed live by the operator) and
         # its driver while this host is the protected primary.
@@ -403,6 +406,10 @@ class VmRunner:
         return self.qmp
 
     async def _launch(self, role: str) -> None:
+        if role == "secondary":
+            problem = overlay_space_problem(self.spec.overlay_dir, self.vm.disk.size_mib)
+            if problem is not None:
+                raise QemuError(f"secondary of {self.vm.name} not launched: {problem}")
         if self.proc is not None and self.proc.alive():
             await self._kill_local(f"relaunch as {role}")
         await prepare_disks(self.spec, role, self.runtime)
@@ -426,6 +433,7 @@ class VmRunner:
             asyncio.create_task(self._watch_exit(proc), name=f"vm-{self.vm.name}-exit"),
             asyncio.create_task(self._watch_qmp(self.qmp), name=f"vm-{self.vm.name}-qmp"),
             asyncio.create_task(self._watch_colo_exit(self.qmp), name=f"vm-{self.vm.name}-colo"),
+            asyncio.create_task(self._watch_io_error(self.qmp), name=f"vm-{self.vm.name}-io"),
         ]
         self._watch_role(role, from_end)
 
@@ -796,6 +804,42 @@ class VmRunner:
                 reason = str(ev.get("data", {}).get("reason", "unknown"))
                 self.queue.put_nowait(ColoExit(reason=reason))
 
+    async def _watch_io_error(self, qmp: QmpSession) -> None:
+        """A failed disk write (``BLOCK_IO_ERROR``) of the local QEMU.
+
+        On the secondary it means the copy is broken: QEMU stops the secondary guest
+        (``io-error``) and aborts at the next checkpoint ("invalid runstate transition:
+        'io-error' -> 'colo'"), so until then the VM would only look protected. It is killed at
+        once, with the reason, and the primary drops it and pairs again. On the primary it is
+        the guest's own disk failing: reported, and the guest stays as QEMU's error policy
+        leaves it.
+        """
+        with qmp.listener(("BLOCK_IO_ERROR",)) as listener:
+            while True:
+                ev = await qmp.next_event(listener, 3600)
+                msg = io_error_message(ev.get("data", {}), self.spec.overlay_dir)
+                if self.view.role is Role.SECONDARY:
+                    self.events.record(
+                        "vm",
+                        f"secondary copy broken, its QEMU stopped: {msg}",
+                        "error",
+                        vm=self.vm.name,
+                    )
+                    # Not from this watcher: killing stops the watchers, this one included.
+                    self._kill_task = asyncio.create_task(
+                        self._kill_broken(f"secondary disk write failed: {msg}"),
+                        name=f"vm-{self.vm.name}-kill-broken",
+                    )
+                    return
+                self.events.record(
+                    "vm", f"guest disk write failed: {msg}", "error", vm=self.vm.name
+                )
+
+    async def _kill_broken(self, why: str) -> None:
+        """Kill the local QEMU whose copy is broken; the machine sees it exit."""
+        await self._kill_local(why)
+        self.queue.put_nowait(LocalQemuExited(code=-9))
+
     async def _watch_stream(self) -> None:
         path = self.spec.stderr_log
         offset = path.stat().st_size if path.exists() else 0
@@ -937,6 +981,42 @@ class VmRunner:
         self.peer_last = ps
         self._adopt_policy(msg)
         self.feed(ps)
+
+
+#: Free space a secondary's overlay directory must have before a secondary is launched: the
+#: active and hidden overlays grow with the writes between two checkpoints.
+MIN_OVERLAY_FREE_MIB = 64
+
+
+def overlay_space_problem(overlay_dir: Path, disk_mib: int) -> str | None:
+    """Why ``overlay_dir`` cannot take a secondary's overlays now (None: it can).
+
+    It needs ``min(disk size, MIN_OVERLAY_FREE_MIB)`` MiB free: a secondary whose overlay write
+    fails is a broken copy (see ``_watch_io_error``), so it is better not started.
+    """
+    need = min(disk_mib, MIN_OVERLAY_FREE_MIB)
+    d = overlay_dir
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    try:
+        free = shutil.disk_usage(d).free / 2**20
+    except OSError as err:
+        return f"cannot check the free space of {d}: {err.strerror or err}"
+    if free < need:
+        return (
+            f"{overlay_dir} has {free:.1f} MiB free, a secondary needs {need} MiB for its "
+            "COLO overlays (free space there, or set disk.active_dir/hidden_dir elsewhere)"
+        )
+    return None
+
+
+def io_error_message(data: Mapping[str, Any], overlay_dir: Path) -> str:
+    """A ``BLOCK_IO_ERROR`` event's data in words."""
+    where = data.get("node-name") or data.get("device") or "?"
+    what = f"{data.get('operation', 'I/O')} error on {where}: {data.get('reason', 'unknown')}"
+    if data.get("nospace"):
+        what += f" (no space left; overlays in {overlay_dir})"
+    return what
 
 
 def _scalars(params: Mapping[str, object]) -> dict[str, Scalar]:
