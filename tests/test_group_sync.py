@@ -276,3 +276,34 @@ async def test_group_switchover_that_never_completes_names_the_late_members(
         n.sync._switch = stuck  # type: ignore[method-assign]
     with pytest.raises(StateError, match="v0, v1 not seen taking over within 1s"):
         await a.sync.order("g", "switchover", timeout_s=1)
+
+
+async def test_a_local_takeover_orders_the_other_members_at_once(
+    nodes: tuple[Node, Node, set[str]],
+) -> None:
+    a, b, _ = nodes
+    for host, vm in (("a", "v0"), ("b", "v1")):
+        bus = a.bus if host == "a" else b.bus
+        msg = VmState(vm=vm, state="protected", role="primary", generation=0)
+        await bus.publish(f"vm/{vm}/state/{host}", msg, retain=True)
+    await asyncio.sleep(0.2)
+    # a holds v1's secondary and decides to take over: v0 (primary on a) is ordered before
+    # v1's takeover is published, in parallel with it.
+    a.sync.on_local_takeover("v1")
+    await until(lambda: a.runners["v0"].fed, 5, "order on a")
+    assert a.runners["v0"].fed == [FailoverRequested(manual=False)]
+    assert (
+        "v1 is failing over to a; policy failover-all: v0 fail over to their secondaries now"
+        in (a.group()["last_policy"] or "")
+    )
+    # v1's takeover, when published, is the one the group ordered: no second round of orders.
+    await a.bus.publish(
+        "vm/v1/state/a", VmState(vm="v1", state="running_unprotected", role="primary", generation=1)
+    )
+    await asyncio.sleep(0.3)
+    assert a.runners["v0"].fed == [FailoverRequested(manual=False)]
+    assert "as the group ordered" in (a.group()["last_policy"] or "")
+    # A takeover that follows an order sets off nothing.
+    a.sync.on_local_takeover("v0")
+    await asyncio.sleep(0.3)
+    assert b.runners["v1"].fed.count(FailoverRequested(manual=False)) == 1

@@ -204,7 +204,11 @@ def test_ftctl_failover_group_moves_every_member(cluster: LabCluster) -> None:
 
 
 def test_synchronizer_ftd_death_hands_the_lease_over(cluster: LabCluster) -> None:
-    # Both members protected again (one primary on each host) and epochs committing under a.
+    """a's ftd (the synchronizer's) is killed and stays down longer than the lease: b takes
+    the group's lease; a's self-fencing guard stops the primary a still runs, and b takes that
+    member over (an ftd away longer than the lease costs a failover, never a second primary);
+    the member already primary on b is not ordered anywhere (its secondary's host has no
+    ftd to take it over); epochs commit again under b; a's ftd comes back and agrees."""
     for vm in PRIMARY:
         deadline = time.monotonic() + 180
         while cluster.primary_host(vm) is None or any(
@@ -213,6 +217,8 @@ def test_synchronizer_ftd_death_hands_the_lease_over(cluster: LabCluster) -> Non
             assert time.monotonic() < deadline, f"{vm} not protected again"
             time.sleep(0.3)
     on_a = next(vm for vm in PRIMARY if cluster.primary_host(vm) == "a")
+    on_b = next(vm for vm in PRIMARY if vm != on_a)
+    assert cluster.primary_host(on_b) == "b"
     start = groups(cluster, "a")["committed_epoch"]
     held = wait_group(
         cluster,
@@ -221,29 +227,44 @@ def test_synchronizer_ftd_death_hands_the_lease_over(cluster: LabCluster) -> Non
         60,
         "committing under a",
     )
-    failed_before = groups(cluster, "b")["failed_epochs"]
     f = cluster.ftd["a"]
     assert f.proc is not None
     f.proc.send_signal(signal.SIGKILL)
     f.proc.wait(10)
     try:
-        # The lease runs out and b, the other member host, takes it with a higher term ...
+        # The lease runs out and b, the other member host, takes it with a higher term.
         took = wait_group(cluster, "b", lambda g: g["synchronizer"] == "b", 30, "took the lease")
         assert took["committed_epoch"] >= held["committed_epoch"]
-        # ... but cannot commit: the member whose primary runs on a has no ftd to take its
-        # checkpoint. Epochs fail, naming it, and none is committed meanwhile.
-        g = wait_group(
-            cluster, "b", lambda g: g["failed_epochs"] > failed_before, 30, "an epoch failed"
+        # a's guard stopped on_a's primary at the end of the self-fencing lease: b took it over.
+        cluster.wait_vm("b", on_a, lambda v: v["role"] == "primary", 30, "took over")
+        # on_b stays where it runs, unpaused: nobody on a could take it over.
+        time.sleep(2)
+        st = cluster.vm_status("b", on_b)
+        assert st["role"] == "primary" and st["state"] != "failing_over", st
+        said = " ".join(
+            e["message"]
+            for e in json.loads(cluster.ftd["b"].ctl("events", "--json", "-n", "200").stdout)
         )
-        assert on_a in (g["last_failure"] or ""), g
-        time.sleep(3)
-        assert groups(cluster, "b")["committed_epoch"] == took["committed_epoch"]
-        # a's QEMU went on running its primary: an ftd death is not a VM failure.
-        assert cluster.vm_status("b", on_a)["role"] == "secondary"
+        assert f"kept running here: {on_b}" in said, said[-3000:]
+        # No epoch commits meanwhile: the member taken over runs unprotected (its secondary's
+        # host has no ftd), and the epochs that fail say so.
+        g = wait_group(
+            cluster,
+            "b",
+            lambda g: f"{on_a} is not a protected primary" in (g["last_failure"] or ""),
+            30,
+            "an epoch failed naming the unprotected member",
+        )
+        assert g["committed_epoch"] == took["committed_epoch"], g
     finally:
         f.start()
         f.wait_ready()
-    # a's ftd re-attaches: commits resume under b, which keeps its live lease; both agree.
+    # a's ftd is back: it agrees on b, reports what its guard did, and holds the secondaries.
+    wait_group(cluster, "a", lambda g: g["synchronizer"] == "b", 30, "a agreeing on b")
+    events_a = cluster.ftd["a"].ctl("events", "-n", "100").stdout
+    assert f"the guard stopped the primary of {on_a}" in events_a, events_a[-3000:]
+    for vm in PRIMARY:
+        cluster.wait_vm("a", vm, lambda v: v["role"] == "secondary", 120, "secondary on a")
     g = wait_group(
         cluster,
         "b",
@@ -252,8 +273,10 @@ def test_synchronizer_ftd_death_hands_the_lease_over(cluster: LabCluster) -> Non
         "commits resumed",
     )
     assert g["synchronizer"] == "b", g
-    wait_group(cluster, "a", lambda g: g["synchronizer"] == "b", 30, "a agreeing on b")
-    print(f"\nlease handed a->b; commits resumed at epoch {g['committed_epoch']}")
+    print(
+        f"\nlease handed a->b, {on_a} taken over after a's guard, commits resumed at epoch "
+        f"{g['committed_epoch']}"
+    )
 
 
 def test_switchover_group_moves_every_member_and_one_member_alone_is_refused(

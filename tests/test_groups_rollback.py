@@ -54,9 +54,10 @@ async def test_rollback_moves_the_failed_member_and_reprotects_the_others(
     # The policy's decision, with its reason, as every member host records it.
     events = json.loads(cluster.ftd["b"].ctl("events", "--json", "-n", "300").stdout)
     said = [e["message"] for e in events if e.get("group") == GROUP]
+    # Ordered by b as it decided to take vm1 over (before the takeover was published).
     assert any(
-        "vm1 failed over; policy rollback: vm2 switch to their secondaries (last checkpoint) "
-        "and reprotect" in m
+        "vm1 is failing over to b; policy rollback: vm2 switch to their secondaries (last "
+        "checkpoint) and reprotect now" in m
         for m in said
     ), said
     # The group goes on: epochs commit again, with the members in their new places.

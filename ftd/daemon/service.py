@@ -184,6 +184,8 @@ class Daemon:
             for vm in self.cfg.vms:
                 if self.cfg.host in (vm.primary, vm.secondary) and vm.boot is not None:
                     runner = VmRunner(self.cfg, vm, rt, self.bus, self.events)
+                    if self.group_sync is not None:
+                        runner.on_takeover = self.group_sync.on_local_takeover
                     self.runners[vm.name] = runner
                     self.supervisor.spawn(f"vm-{vm.name}", runner.run())
             if self.cfg.this_host.fence.agent == "self":
@@ -472,6 +474,10 @@ class Daemon:
                 )
 
     def _maybe_auto_reprotect(self, r: VmRunner, now: float) -> None:
+        if r.view.state is State.PROTECTED:
+            # An attempt that got the VM protected was no failure: the next fault starts over.
+            self._reprotect_tries.pop(r.vm.name, None)
+            return
         if r.vm.reprotect != "auto" or r.view.state is not State.RUNNING_UNPROTECTED:
             return
         last = self._last_auto_reprotect.get(r.vm.name, 0.0)

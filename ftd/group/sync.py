@@ -44,7 +44,7 @@ from ftd.group.messages import (
     GroupLease,
     GroupOrder,
 )
-from ftd.group.policy import on_member_failover, took_over
+from ftd.group.policy import INCIDENT_S, on_member_failover, took_over
 from ftd.log import get_logger
 from ftd.vm.handover import checkpoint_now, switch_over
 from ftd.vm.machine import FailoverRequested, ReprotectRequested, Role, State
@@ -299,18 +299,75 @@ class GroupSync:
         for order in d.orders:
             gs.ordered[order.vm] = now
         gs.last_policy = d.reason
-        applied = []
+        applied: list[str] = []
+        kept: list[str] = []
         for order in d.orders:
             r = self.runners.get(order.vm)
             if r is not None and r.view.role is Role.PRIMARY:
-                r.feed(FailoverRequested(manual=False))
-                applied.append(order.vm)
+                (applied if self._can_move(r) else kept).append(order.vm)
+        for vm in applied:
+            self.runners[vm].feed(FailoverRequested(manual=False))
         here = f" (ordered here: {', '.join(applied)})" if applied else ""
+        here += self._kept_note(kept)
         self.events.record("group", f"group {g.name}: {d.reason}{here}", group=g.name)
         if g.policy == "rollback":
             mine = self.runners.get(msg.vm)
             if mine is not None and msg.host == self.host:
                 self._spawn(f"group-{g.name}-reprotect-{msg.vm}", self._reprotect_later(mine))
+
+    def _can_move(self, r: VmRunner) -> bool:
+        """Whether an order to fail ``r`` over may go to it: not when it is a protected
+        primary whose secondary's host has no live ftd, since the paused primary would wait for
+        a takeover nobody carries out. Other states are the machine's to judge."""
+        if r.view.state is not State.PROTECTED:
+            return True
+        return r.view.peer is not None and self.alive(r.view.peer)
+
+    def _kept_note(self, kept: list[str]) -> str:
+        if not kept:
+            return ""
+        return (
+            f"; kept running here: {', '.join(kept)} (the secondary's host is not alive, "
+            "nobody could take over)"
+        )
+
+    def on_local_takeover(self, vm: str) -> None:
+        """This host's secondary of ``vm`` has decided to take over (it is not done yet).
+
+        Under failover-all or rollback the other members must follow; ordering them now, in
+        parallel with this takeover, rather than once its result is published and seen, takes
+        one takeover and one bus round trip off the group's failover. A takeover the group
+        ordered (within INCIDENT_S) orders nothing; the policy on the published states stays
+        the fallback if this order is lost.
+        """
+        grp = self.cfg.group_of(vm)
+        gs = self.groups.get(grp.name) if grp is not None else None
+        if gs is None or gs.group.policy not in ("failover-all", "rollback"):
+            return
+        g = gs.group
+        if self.clock() - gs.ordered.get(vm, float("-inf")) <= INCIDENT_S:
+            return
+        others = ", ".join(m for m in g.members if m != vm)
+        what = (
+            "fail over to their secondaries"
+            if g.policy == "failover-all"
+            else "switch to their secondaries (last checkpoint) and reprotect"
+        )
+        reason = f"{vm} is failing over to {self.host}; policy {g.policy}: {others} {what} now"
+        self._spawn(f"group-{g.name}-order", self._publish_order(g.name, "failover", reason))
+
+    async def _publish_order(self, group: str, op: str, reason: str) -> None:
+        ok = await self.bus.publish(
+            topic_group(group, ORDER), GroupOrder(group=group, op=op, reason=reason)
+        )
+        if not ok:
+            self.events.record(
+                "group",
+                f"group {group}: order not acknowledged by the broker ({reason}); the policy "
+                "applies when the takeover is published",
+                "warning",
+                group=group,
+            )
 
     async def _reprotect_later(self, runner: VmRunner) -> None:
         """Rollback keeps every member protected: once the new primary runs unprotected, ask
@@ -331,10 +388,14 @@ class GroupSync:
         now = self.clock()
         for vm in gs.group.members:
             gs.ordered[vm] = now
-        applied = []
+        applied: list[str] = []
+        kept: list[str] = []
         for vm in gs.group.members:
             r = self.runners.get(vm)
             if r is None or r.view.role is not Role.PRIMARY:
+                continue
+            if not self._can_move(r):
+                kept.append(vm)
                 continue
             if op == "switchover":
                 self._spawn(f"group-{gs.group.name}-switchover-{vm}", self._switch(gs, r))
@@ -344,7 +405,9 @@ class GroupSync:
         gs.last_policy = reason
         where = ", ".join(applied) or "no local primary"
         self.events.record(
-            "group", f"group {gs.group.name}: {reason} ({where})", group=gs.group.name
+            "group",
+            f"group {gs.group.name}: {reason} ({where}){self._kept_note(kept)}",
+            group=gs.group.name,
         )
 
     async def _switch(self, gs: GroupState, runner: VmRunner) -> None:

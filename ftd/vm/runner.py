@@ -273,6 +273,8 @@ class VmRunner:
         self._attached_at = 0.0
         self._guest_boot_at = 0.0
         self._kill_task: asyncio.Task[None] | None = None
+        #: Called with the VM's name when this host's secondary is about to take over.
+        self.on_takeover: Callable[[str], None] | None = None
         self._colo_entered_at: float | None = None
         # Checkpoint timing: the policy in force (config, or changed live by the operator) and
         # its driver while this host is the protected primary.
@@ -690,6 +692,9 @@ class VmRunner:
         return {"policy": describe(self.policy), "timer_ms": timer_ms(self.policy)}
 
     async def _failover_to_self(self) -> None:
+        if self.on_takeover is not None:
+            # Decided: whoever follows this VM (its group) may start now, in parallel.
+            self.on_takeover(self.vm.name)
         started = time.monotonic()
         await colo.failover_secondary(self._qmp(), self.spec)
         self._watch_role("primary", from_end=True)
