@@ -56,6 +56,20 @@ def cluster() -> Iterator[LabCluster]:
     yield from protected_group(PLANS)
 
 
+def all_protected(c: LabCluster, timeout: float = 180) -> dict[str, str]:
+    """Wait until every member is protected on both hosts; each member's primary host."""
+    where = {}
+    for vm in PRIMARY:
+        deadline = time.monotonic() + timeout
+        while (h := c.primary_host(vm)) is None or any(
+            c.vm_status(x, vm)["state"] != "protected" for x in ("a", "b")
+        ):
+            assert time.monotonic() < deadline, f"{vm} not protected again"
+            time.sleep(0.3)
+        where[vm] = h
+    return where
+
+
 def groups(c: LabCluster, host: str) -> dict[str, Any]:
     out = json.loads(c.ftd[host].ctl("groups", "--json").stdout)
     assert isinstance(out, list) and len(out) == 1, out
@@ -185,15 +199,7 @@ async def fail_over_all(
 
 def test_ftctl_failover_group_moves_every_member(cluster: LabCluster) -> None:
     # After the previous test every member reprotects where it now runs.
-    where = {}
-    for vm in PRIMARY:
-        deadline = time.monotonic() + 180
-        while (h := cluster.primary_host(vm)) is None or any(
-            cluster.vm_status(x, vm)["state"] != "protected" for x in ("a", "b")
-        ):
-            assert time.monotonic() < deadline, f"{vm} not protected again"
-            time.sleep(0.3)
-        where[vm] = h
+    where = all_protected(cluster)
     out = json.loads(cluster.ftd["a"].ctl("failover", "--group", GROUP, "--json").stdout)
     assert out["group"] == GROUP and out["members"] == ["vm1", "vm2"]
     for vm, h in where.items():
@@ -209,13 +215,7 @@ def test_synchronizer_ftd_death_hands_the_lease_over(cluster: LabCluster) -> Non
     member over (an ftd away longer than the lease costs a failover, never a second primary);
     the member already primary on b is not ordered anywhere (its secondary's host has no
     ftd to take it over); epochs commit again under b; a's ftd comes back and agrees."""
-    for vm in PRIMARY:
-        deadline = time.monotonic() + 180
-        while cluster.primary_host(vm) is None or any(
-            cluster.vm_status(x, vm)["state"] != "protected" for x in ("a", "b")
-        ):
-            assert time.monotonic() < deadline, f"{vm} not protected again"
-            time.sleep(0.3)
+    all_protected(cluster)
     on_a = next(vm for vm in PRIMARY if cluster.primary_host(vm) == "a")
     on_b = next(vm for vm in PRIMARY if vm != on_a)
     assert cluster.primary_host(on_b) == "b"
@@ -282,15 +282,7 @@ def test_synchronizer_ftd_death_hands_the_lease_over(cluster: LabCluster) -> Non
 def test_switchover_group_moves_every_member_and_one_member_alone_is_refused(
     cluster: LabCluster,
 ) -> None:
-    where = {}
-    for vm in PRIMARY:
-        deadline = time.monotonic() + 180
-        while (h := cluster.primary_host(vm)) is None or any(
-            cluster.vm_status(x, vm)["state"] != "protected" for x in ("a", "b")
-        ):
-            assert time.monotonic() < deadline, f"{vm} not protected again"
-            time.sleep(0.3)
-        where[vm] = h
+    where = all_protected(cluster)
     r = cluster.ftd[where["vm1"]].ctl("switchover", "vm1", check=False)
     assert r.returncode == 2 and "use switchover --group app" in r.stderr, r.stderr
     out = cluster.ftd["a"].ctl("switchover", "--group", GROUP, timeout=120).stdout
