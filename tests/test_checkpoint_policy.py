@@ -123,16 +123,22 @@ def test_estimator_integrates_rate_over_run_time_and_bounds_by_ram() -> None:
     assert est.last_resumed_at == pytest.approx(3.1)
 
 
-def test_estimator_learns_correction_from_exact_counts() -> None:
-    est = DirtyEstimator(ram_pages=RAM_2G, started_at=0.0, smoothing=0.3)
-    est.sample(DirtySample(0.0, 8.0))  # 2048 pages/s, but only half are distinct pages
-    t = 0.0
-    for _ in range(30):
-        # Only a run with a sample of its own teaches the correction.
+def steady_half_distinct(est: DirtyEstimator, t: float, runs: int = 30) -> float:
+    """``runs`` one-second checkpoint runs at 8 MiB/s (2048 pages/s) sampled once in each run
+    (only a run with a sample of its own teaches the correction), each checkpoint finding half
+    the estimated pages distinct; returns the time of the last checkpoint."""
+    for _ in range(runs):
         est.sample(DirtySample(t + 0.5, 8.0))
         t += 1.0
         raw = 2048.0 * (t - est.last_resumed_at)
         assert est.observe(CheckpointObserved(t, 0.0, round(raw / 2)))
+    return t
+
+
+def test_estimator_learns_correction_from_exact_counts() -> None:
+    est = DirtyEstimator(ram_pages=RAM_2G, started_at=0.0, smoothing=0.3)
+    est.sample(DirtySample(0.0, 8.0))  # 2048 pages/s, but only half are distinct pages
+    t = steady_half_distinct(est, 0.0)
     assert est.correction == pytest.approx(0.5, rel=1e-3)
     assert est.estimate(t + 1.0) == pytest.approx(1024.0, rel=1e-3)
     snap = est.snapshot(t + 1.0)
@@ -215,12 +221,7 @@ def test_estimator_tail_checkpoints_after_a_burst_do_not_blind_it() -> None:
         return decision.checkpoint_now, decision.next_check_in_ms
 
     # Steady state: 8 MiB/s sampled once in every run, half of those pages distinct.
-    t = 0.0
-    for _ in range(30):
-        est.sample(DirtySample(t + 0.5, 8.0))
-        t += 1.0
-        raw = 2048.0 * (t - est.last_resumed_at)
-        assert est.observe(CheckpointObserved(t, 0.0, round(raw / 2)))
+    t = steady_half_distinct(est, 0.0)
     assert est.correction == pytest.approx(0.5, rel=1e-3)
     learnt = est.correction
     # A burst: 200 MiB/s sampled (25600 distinct pages/s).  512 pages by the sample, then the
