@@ -302,7 +302,20 @@ def cmd_status(client: ControlClient, as_json: bool) -> int:
         print(policy_line(vm))
         if vm.get("sync"):
             print(f"{vm['name']}: {sync_line(vm['sync'])}")
+        if vm.get("last_resync"):
+            print(f"{vm['name']}: {resync_line(vm['last_resync'])}")
     return 0
+
+
+def resync_line(r: dict[str, Any]) -> str:
+    """The last disk resync this host ran as primary, in one line."""
+    mib = r["copied_bytes"] / (1 << 20)
+    if r.get("mode") == "incremental":
+        return (
+            f"last resync: incremental, {r['changed_chunks']} chunks of "
+            f"{r['chunk_bytes'] // 1024} KiB differed, {mib:.1f} MiB copied in {r['seconds']}s"
+        )
+    return f"last resync: full, {mib:.1f} MiB in {r['seconds']}s ({r.get('reason')})"
 
 
 def guard_line(g: dict[str, Any]) -> str:

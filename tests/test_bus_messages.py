@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import random
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,8 +28,12 @@ from ftd.bus.messages import (
     parse,
 )
 from ftd.errors import MessageError
+from ftd.qemu import resync
 
 T = "ftd/c"
+_BIG_DIGEST = resync.Digest(
+    100 << 30, resync.chunk_size(100 << 30), random.Random(5).randbytes(resync.MAX_CHUNKS * 8)
+)
 
 
 def stamp(msg: Message, host: str = "a", epoch: int = 3, seq: int = 7) -> Message:
@@ -67,6 +72,20 @@ SAMPLES: list[tuple[str, Message]] = [
         ),
     ),
     ("vm/web1/state/a", stamp(VmState(vm="web1", state="syncing", role="secondary"))),
+    # The largest disk digest a secondary publishes (4096 chunks of random sums) fits.
+    (
+        "vm/web1/state/a",
+        stamp(
+            VmState(
+                vm="web1",
+                state="starting",
+                role="secondary",
+                digest_size=_BIG_DIGEST.size,
+                digest_chunk=_BIG_DIGEST.chunk,
+                disk_digest=_BIG_DIGEST.encode(),
+            )
+        ),
+    ),
     (
         "cmd/b",
         stamp(Command(id="c-1", op="failover", vm="web1", args={"force": True, "n": [1, "x"]})),
@@ -372,3 +391,9 @@ def test_freshness_admits_last_will_of_current_epoch() -> None:
     assert not f.admit("host/a", online).ok
     f.forget("a")
     assert f.admit("host/a", online).ok
+
+
+def test_a_digest_without_its_sizes_is_refused() -> None:
+    msg = stamp(VmState(vm="web1", state="starting", role="secondary", disk_digest=["eJw="]))
+    with pytest.raises(MessageError, match="digest_size"):
+        parse(T + "/vm/web1/state/a", encode(msg))

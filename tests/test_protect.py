@@ -150,9 +150,15 @@ async def test_kill_primary_qemu_fails_over_without_losing_acks(
     print(f"\nkill -9 primary QEMU: first ack {took:.3f}s after the kill")
     st = cluster.wait_vm(s, VM, lambda v: v["role"] == "primary", 10, "became primary")
     assert st["failovers"] == 1
-    # Automatic reprotect: the old primary's host becomes the secondary.
+    # Automatic reprotect: the old primary's host becomes the secondary, its disk brought up
+    # to date by copying only the chunks that differ (64 MiB disk, a few records written).
     protected(cluster)
     assert cluster.primary_host(VM) == s
+    resynced = cluster.vm_status(s, VM)["last_resync"]
+    assert resynced["mode"] == "incremental", resynced
+    assert 0 < resynced["copied_bytes"] < 8 << 20, resynced
+    print(f"reprotect resync: {resynced}")
+    assert "last resync: incremental" in cluster.ftd[s].ctl("status").stdout
 
 
 async def test_kill_secondary_qemu_primary_keeps_running_then_reprotects(

@@ -225,6 +225,16 @@ class VmState(Message):
     #: revision (wall-clock time of the change) that orders changes across hosts.
     policy: dict[str, Scalar] | None = field(default=None, metadata={"check": _policy_keys})
     policy_rev: float = _f(0.0, check=_non_negative)
+    #: A secondary waiting for its resync: the digest of its disk (see ftd.qemu.resync), as
+    #: the disk size, chunk size and encoded sums, for an incremental resync.
+    digest_size: int = _f(0, check=_non_negative)
+    digest_chunk: int = _f(0, check=_non_negative)
+    disk_digest: list[str] | None = None
+
+    def problem(self) -> str | None:
+        if self.disk_digest is not None and (self.digest_size <= 0 or self.digest_chunk <= 0):
+            return "a disk_digest needs a positive digest_size and digest_chunk"
+        return None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -47,6 +47,7 @@ Accel = Literal["kvm", "tcg"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 CheckpointPolicy = Literal["fixed", "dirty-threshold", "pause-budget"]
 Reprotect = Literal["auto", "manual"]
+Resync = Literal["incremental", "full"]
 GroupPolicy = Literal["failover-all", "rollback", "isolate"]
 
 #: Called with the already converted sibling values and the load context (``run_dir``).
@@ -469,6 +470,13 @@ class Disk:
             "directory of the COLO secondary's hidden overlay",
             default_doc="<run_dir>/colo",
             derive=lambda _siblings, ctx: Path(ctx["run_dir"]) / "colo",
+        ),
+    )
+    resync: Resync = field(
+        default="incremental",
+        metadata=doc(
+            "how a returning secondary's disk is brought up to date: incremental (compare "
+            "per-chunk digests, copy only the chunks that differ) or full (copy everything)"
         ),
     )
 

@@ -49,7 +49,7 @@ from ftd.control.events import EventLog
 from ftd.daemon.state import read_json, write_json_atomic
 from ftd.errors import ConfigError, FtError, QemuError, RequestError, StateError
 from ftd.log import get_logger
-from ftd.qemu import colo, trace
+from ftd.qemu import colo, resync, trace
 from ftd.qemu.process import QemuProcess, prepare_disks
 from ftd.qemu.qmp import QmpSession
 from ftd.qemu.runtime import QemuRuntime
@@ -289,6 +289,12 @@ class VmRunner:
         self._state_path = cfg.paths.state_dir / "vms" / f"{vm.name}.json"
         self._policy_path = cfg.paths.state_dir / "vms" / f"{vm.name}.policy.json"
         self._policy_task: asyncio.Task[None] | None = None
+        # Incremental resync: the digest of this host's disk taken when it launched a
+        # secondary (published with that pairing's state), the peer's latest one with the
+        # epoch it was published for, and what the last resync did.
+        self._digest: tuple[VmEpoch, resync.Digest] | None = None
+        self._peer_digest: tuple[VmEpoch, resync.Digest] | None = None
+        self.last_resync: dict[str, Any] | None = None
 
     # --- the loop ------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -415,6 +421,14 @@ class VmRunner:
         if self.proc is not None and self.proc.alive():
             await self._kill_local(f"relaunch as {role}")
         await prepare_disks(self.spec, role, self.runtime)
+        self._digest = None
+        if role == "secondary" and self.vm.disk.resync == "incremental":
+            try:
+                digest = await asyncio.to_thread(resync.disk_digest, self.spec.disk_path)
+            except OSError as err:
+                self.log.warning("disk digest failed: full resync", error=str(err))
+            else:
+                self._digest = (self.view.epoch, digest)
         self.stream_lost = False
         self.stats = CheckpointStats()
         self.proc = await QemuProcess.launch(self.spec, role, self.runtime)
@@ -512,13 +526,63 @@ class VmRunner:
             await asyncio.sleep(wait)
 
     async def _resync(self) -> None:
+        """Bring the new secondary's disk in step: only the chunks that differ when its
+        digest allows (ftd.qemu.resync), else (or if that fails) the whole disk."""
         await self._settle_before_pairing()
 
         def progress(p: colo.ColoProgress) -> None:
             if p.total_bytes:
                 self.queue.put_nowait(ResyncProgress(p.done_bytes or 0, p.total_bytes))
 
+        started = time.monotonic()
+        theirs = None
+        if self._peer_digest is not None and self._peer_digest[0] == self.view.epoch:
+            theirs = self._peer_digest[1]
+        size = self.vm.disk.size_mib * 1024 * 1024
+        why_full = resync.incremental_problem(self.vm.disk.resync, size, theirs)
+        if why_full is None and theirs is not None:
+            try:
+                result = await resync.copy_changed(
+                    self._qmp(),
+                    disk_path=self.spec.disk_path,
+                    peer=self.spec.peer_address,
+                    nbd_port=self.spec.nbd_port,
+                    theirs=theirs,
+                    progress=lambda done, total: self.queue.put_nowait(ResyncProgress(done, total)),
+                )
+            except QemuError as err:
+                # The copy failed, not the monitor (QmpError goes up): the full copy needs
+                # nothing of it, and the guest must not wait paused meanwhile.
+                why_full = f"incremental resync failed ({err})"
+                if (await self._qmp().execute("query-status"))["status"] == "paused":
+                    await self._qmp().execute("cont")
+            else:
+                took = round(time.monotonic() - started, 3)
+                self.last_resync = {
+                    "mode": "incremental",
+                    "changed_chunks": result.changed_chunks,
+                    "chunk_bytes": theirs.chunk,
+                    "copied_bytes": result.copied_bytes,
+                    "rounds": result.rounds,
+                    "seconds": took,
+                }
+                self.events.record(
+                    "vm",
+                    f"incremental resync to {self.peer}: {result.changed_chunks} chunks "
+                    f"differed, {result.copied_bytes} bytes copied in {result.rounds} "
+                    f"round(s), {took}s",
+                    vm=self.vm.name,
+                )
+                self.queue.put_nowait(ResyncDone())
+                return
+        self.events.record("vm", f"full resync to {self.peer}: {why_full}", vm=self.vm.name)
         await colo.mirror_disk(self._qmp(), self.spec, progress=progress)
+        self.last_resync = {
+            "mode": "full",
+            "reason": why_full,
+            "copied_bytes": size,
+            "seconds": round(time.monotonic() - started, 3),
+        }
         self.queue.put_nowait(ResyncDone())
 
     async def _start_colo(self) -> None:
@@ -717,6 +781,8 @@ class VmRunner:
             with contextlib.suppress(FtError):
                 await q.execute(cmd, args)
         with contextlib.suppress(FtError):
+            await resync.cleanup(q)
+        with contextlib.suppress(FtError):
             await colo.failover_primary(q, self.spec, timeout_s=10)
         with contextlib.suppress(FtError):
             status = await q.execute("query-status")
@@ -756,6 +822,7 @@ class VmRunner:
             last_checkpoint_at=self.stats.last_at,
             policy=_scalars(self.policy_params) if self.policy_rev > 0 else None,
             policy_rev=self.policy_rev,
+            **self._digest_fields(view),
         )
         ok = await self.bus.publish(topic_vm_state(self.vm.name, self.host), msg, retain=True)
         if not ok and need_ack:
@@ -766,6 +833,23 @@ class VmRunner:
                 vm=self.vm.name,
             )
         return ok or not need_ack
+
+    def _digest_fields(self, view: VmView) -> dict[str, Any]:
+        """The disk digest to publish: only by a secondary still waiting for the pairing it
+        took the digest for (once the resync writes its disk, the digest is stale)."""
+        if (
+            self._digest is None
+            or view.role is not Role.SECONDARY
+            or view.state is State.PROTECTED
+            or view.epoch != self._digest[0]
+        ):
+            return {}
+        digest = self._digest[1]
+        return {
+            "digest_size": digest.size,
+            "digest_chunk": digest.chunk,
+            "disk_digest": digest.encode(),
+        }
 
     # --- watchers ------------------------------------------------------------------------------
     async def _watch_exit(self, proc: QemuProcess) -> None:
@@ -939,6 +1023,7 @@ class VmRunner:
             "peer_state": self.peer_info,
             "failovers": self.failovers,
             "last_failover_s": self.last_failover_s,
+            "last_resync": self.last_resync,
         }
 
     def self_fence(self, reason: str) -> bool:
@@ -984,6 +1069,13 @@ class VmRunner:
             "ts": msg.ts,
         }
         self.peer_last = ps
+        if msg.disk_digest is not None:
+            try:
+                digest = resync.Digest.decode(msg.digest_size, msg.digest_chunk, msg.disk_digest)
+            except QemuError as err:
+                self.log.warning("peer disk digest dropped", error=str(err))
+            else:
+                self._peer_digest = (ps.epoch, digest)
         self._adopt_policy(msg)
         self.feed(ps)
 
