@@ -1,32 +1,42 @@
 """A seeded, repeatable chaos campaign in the lab: ``python -m bench.chaos [--rounds N]
-[--seed S] [--quick]``.
+[--seed S] [--layout full|small] [--quick]``.
 
-One lab (VM hosts a, b; witness w running the broker's host; client c), one protected VM
-running the disk writer with its outside client. Each round waits until the VM is protected,
-injects one fault at a random moment, heals it, waits for protection again, and checks:
+Layouts (witness w, the broker's host, and the outside client c in both):
 
-- never two running primaries (both QEMUs sampled every 50 ms through their observer QMP
-  sockets, for the whole campaign);
-- no acknowledged record lost (the guest checks every record acknowledged so far);
-- protected again within a bound after the heal (the recovery time is recorded);
+- ``full`` (default): VM hosts a, b, d; four protected VMs (64 MiB TCG guests, eight QEMUs) in
+  two groups: ``g1`` = vm1 (a->b) + vm2 (b->d), policy failover-all; ``g2`` = vm3 (d->a) +
+  vm4 (a->d), policy rollback;
+- ``small`` (``--quick``, the make test variant): VM hosts a, b and one VM, vm1 (a->b).
+
+Every VM runs the disk writer with its outside client. Each round waits until every VM is
+protected, picks a VM, injects one fault around it at a random moment (its primary's or
+secondary's QEMU or host, their link, the broker, the bus), heals it, waits until every VM
+is protected again, and checks:
+
+- never two running primaries of any VM (both QEMUs of each VM sampled every 50 ms through
+  their observer QMP sockets, for the whole campaign);
+- no acknowledged record lost (each guest checks every record acknowledged so far on it);
+- every VM protected again within a bound after the heal (the recovery time is recorded:
+  heal to all protected);
 - no leaked QEMU processes or namespaces at the end.
 
 Progress on stderr; a table, then one JSON object as the last stdout line: ``rounds``,
-``violations`` (list), ``recovery_s`` ({p50, p99}), ``by_fault`` (rounds and violations per
-fault). Exit status 1 on any violation. Not covered yet: the issue's 3 hosts x 4 VMs x 2
-groups scale (too many TCG guests for 2 cores).
+``layout``, ``violations`` (list), ``recovery_s`` ({p50, p99}), ``by_fault`` (rounds and
+violations per fault). Exit status 1 on any violation.
 
 Faults: kill -9 of the primary or the secondary QEMU, kill -9 of an ftd (restarted 1-4 s
-later), a host's death (its ftd and QEMU, ftd restarted 3 s later), a cut of the primary's
+later), a host's death (its ftd and all its QEMUs, ftd restarted 3 s later), a cut of the primary's
 link (8-12 s), a partition between the VM hosts (6-10 s), the broker stopped (5-15 s), the
-primary QEMU frozen with SIGSTOP (6-10 s), the secondary's disk full (its COLO overlay
-directory, a tmpfs here, filled for 8-12 s), corrupt bus messages.
+primary QEMU frozen with SIGSTOP (6-10 s), the secondary's disk full (its host's COLO overlay
+directory, a tmpfs here, filled for 8-12 s: every secondary on that host), corrupt bus
+messages.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -44,11 +54,36 @@ from lab.image import build_guest
 from lab.invariants import PrimarySampler
 from lab.netns import list_namespaces
 
-VM = "vm1"
 PROTECT_BOUND_S = 150.0
 #: Burst writers (fill_secondary_disk) use sectors from here on, 4000 per burst; the main
-#: writer stays far below (20 records/s).
+#: writers stay far below (10 records/s).
 BURST_SECTOR = 60000
+
+
+@dataclass(frozen=True)
+class Layout:
+    vm_hosts: tuple[str, ...]
+    plans: tuple[VmPlan, ...]
+    groups: tuple[dict[str, object], ...] = ()
+
+
+_CKPT = {"policy": "fixed", "interval_ms": 3000}
+LAYOUTS = {
+    "small": Layout(("a", "b"), (VmPlan("vm1", "a", "b"),)),
+    "full": Layout(
+        ("a", "b", "d"),
+        (
+            VmPlan("vm1", "a", "b", workloads=("disk",), memory_mib=64, checkpoint=_CKPT),
+            VmPlan("vm2", "b", "d", workloads=("disk",), memory_mib=64, checkpoint=_CKPT),
+            VmPlan("vm3", "d", "a", workloads=("disk",), memory_mib=64, checkpoint=_CKPT),
+            VmPlan("vm4", "a", "d", workloads=("disk",), memory_mib=64, checkpoint=_CKPT),
+        ),
+        (
+            {"name": "g1", "members": ["vm1", "vm2"], "policy": "failover-all"},
+            {"name": "g2", "members": ["vm3", "vm4"], "policy": "rollback"},
+        ),
+    ),
+}
 
 
 def say(msg: str) -> None:
@@ -64,33 +99,60 @@ class Round:
     violations: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Writer:
+    """One VM's outside disk writer, and the burst writers' ranges to check on it."""
+
+    vm: str
+    disk: DiskWriterClient | None = None
+    task: asyncio.Task[None] | None = None
+    first_sector: int = 1
+    #: (first, last acknowledged) record of each burst writer, checked after each round.
+    bursts: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def broken(self) -> bool:
+        return (
+            self.disk is None
+            or self.disk.error is not None
+            or self.task is None
+            or (self.task.done())
+        )
+
+
 class Campaign:
     def __init__(self, c: LabCluster, rng: random.Random) -> None:
         self.c = c
         self.rng = rng
-        self.disk: DiskWriterClient | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.first_sector = 1
-        #: (first, last acknowledged) record of each burst writer, checked after each round.
-        self.bursts: list[tuple[int, int]] = []
+        self.vms = [p.name for p in c.plans]
+        self.writers = {vm: Writer(vm) for vm in self.vms}
+        self.burst_no = 0
 
     # -- helpers ----------------------------------------------------------------------------
-    async def protected(self, bound: float = PROTECT_BOUND_S) -> tuple[str, str]:
-        """(primary, secondary) once protected. Raises LabError after ``bound`` seconds."""
-        return await asyncio.to_thread(self.c.wait_protected, VM, bound)
+    async def protected(self, vm: str, bound: float = PROTECT_BOUND_S) -> tuple[str, str]:
+        """(primary, secondary) of ``vm`` once protected. Raises LabError after ``bound``."""
+        return await asyncio.to_thread(self.c.wait_protected, vm, bound)
 
-    async def writer(self) -> None:
-        """(Re)connect the disk writer from the client host, continuing the numbering."""
-        if self.disk is not None:
-            if self.task is not None:
-                self.task.cancel()
-                await asyncio.gather(self.task, return_exceptions=True)
-            self.disk.abort()
-        nxt = (self.disk.last_acked + 1) if self.disk and self.disk.last_acked else 1
-        addr = self.c.vm_address(VM)
-        r, w = await self.c.lab.open_connection(self.c.client, addr, DISK_PORT)
-        self.disk = DiskWriterClient(r, w, start=nxt, rate=10, answer_timeout=60)
-        self.task = asyncio.create_task(self.disk.run(), name="chaos-disk-writer")
+    async def all_protected(self, bound: float = PROTECT_BOUND_S) -> dict[str, tuple[str, str]]:
+        """Every VM protected (one shared bound); its (primary, secondary). Raises LabError."""
+        deadline = time.monotonic() + bound
+        out = {}
+        for vm in self.vms:
+            out[vm] = await self.protected(vm, max(1.0, deadline - time.monotonic()))
+        return out
+
+    async def writer(self, vm: str) -> None:
+        """(Re)connect ``vm``'s disk writer from the client host, continuing the numbering."""
+        w = self.writers[vm]
+        if w.disk is not None:
+            if w.task is not None:
+                w.task.cancel()
+                await asyncio.gather(w.task, return_exceptions=True)
+            w.disk.abort()
+        nxt = (w.disk.last_acked + 1) if w.disk and w.disk.last_acked else 1
+        r, wr = await self.c.lab.open_connection(self.c.client, self.c.vm_address(vm), DISK_PORT)
+        w.disk = DiskWriterClient(r, wr, start=nxt, rate=10, answer_timeout=60)
+        w.task = asyncio.create_task(w.disk.run(), name=f"chaos-disk-writer-{vm}")
 
     def ftd_restart(self, host: str) -> None:
         f = self.c.ftd[host]
@@ -104,41 +166,55 @@ class Campaign:
             f.proc.send_signal(signal.SIGKILL)
             f.proc.wait(10)
 
-    async def burst(self, seconds: float) -> None:
-        """Write records as fast as the guest acks them, for ``seconds``, on a second
-        connection and a sector range of its own; what was acknowledged is checked once the
-        VM is protected again (``self.bursts``)."""
-        start = BURST_SECTOR + 4000 * len(self.bursts)
-        r, w = await self.c.lab.open_connection(self.c.client, self.c.vm_address(VM), DISK_PORT)
-        b = DiskWriterClient(r, w, start=start, rate=None, answer_timeout=60)
-        task = asyncio.create_task(b.run(count=3000), name="burst-writer")
+    async def burst(self, vms: list[str], seconds: float) -> None:
+        """Write records as fast as the guests ack them, for ``seconds``, on a second
+        connection per VM and a sector range of its own; what was acknowledged is checked
+        once the VMs are protected again (``Writer.bursts``)."""
+        started: list[tuple[str, int, DiskWriterClient, asyncio.Task[None]]] = []
+        for vm in vms:
+            start = BURST_SECTOR + 4000 * self.burst_no
+            self.burst_no += 1
+            addr = self.c.vm_address(vm)
+            r, w = await self.c.lab.open_connection(self.c.client, addr, DISK_PORT)
+            b = DiskWriterClient(r, w, start=start, rate=None, answer_timeout=60)
+            started.append((vm, start, b, asyncio.create_task(b.run(count=3000))))
         await asyncio.sleep(seconds)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        b.abort()
-        if b.last_acked is not None:
-            self.bursts.append((start, b.last_acked))
+        for vm, start, b, task in started:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            b.abort()
+            if b.last_acked is not None:
+                self.writers[vm].bursts.append((start, b.last_acked))
 
-    def qemu_pid(self, host: str) -> int | None:
+    def qemu_pid(self, host: str, vm: str) -> int | None:
         try:
-            pid = self.c.vm_status(host, VM).get("qemu_pid")
+            pid = self.c.vm_status(host, vm).get("qemu_pid")
         except Exception:
             return None
         return pid if isinstance(pid, int) else None
 
-    # -- faults: each injects, waits, heals; returns (target, healed-at) ----------------------
-    async def fault(self, name: str, p: str, s: str) -> str:
+    def qemu_pids(self, host: str) -> list[int]:
+        """Every QEMU ftd on ``host`` runs (for a host's death)."""
+        pids = [self.qemu_pid(host, vm) for vm in self.vms]
+        return [p for p in pids if p]
+
+    def secondaries_on(self, host: str, pairs: dict[str, tuple[str, str]]) -> list[str]:
+        return [vm for vm, (_, s) in pairs.items() if s == host]
+
+    # -- faults: each injects, waits, heals; returns the target --------------------------------
+    async def fault(self, name: str, vm: str, pairs: dict[str, tuple[str, str]]) -> str:
         c = self.c
+        p, s = pairs[vm]
         if name == "kill_primary_qemu":
-            pid = self.qemu_pid(p)
+            pid = self.qemu_pid(p, vm)
             if pid:
                 os.kill(pid, signal.SIGKILL)
-            return p
+            return f"{vm}@{p}"
         if name == "kill_secondary_qemu":
-            pid = self.qemu_pid(s)
+            pid = self.qemu_pid(s, vm)
             if pid:
                 os.kill(pid, signal.SIGKILL)
-            return s
+            return f"{vm}@{s}"
         if name == "kill_ftd":
             target = self.rng.choice([p, s])
             await asyncio.to_thread(self.kill_ftd, target)
@@ -146,10 +222,11 @@ class Campaign:
             await asyncio.to_thread(self.ftd_restart, target)
             return target
         if name == "host_death":
-            pid = self.qemu_pid(p)
+            pids = self.qemu_pids(p)
             await asyncio.to_thread(self.kill_ftd, p)
-            if pid:
-                os.kill(pid, signal.SIGKILL)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             await asyncio.sleep(3)
             await asyncio.to_thread(self.ftd_restart, p)
             return p
@@ -169,34 +246,34 @@ class Campaign:
             c.lab.broker.start()
             return "broker"
         if name == "sigstop_qemu":
-            pid = self.qemu_pid(p)
+            pid = self.qemu_pid(p, vm)
             if pid:
                 os.kill(pid, signal.SIGSTOP)
                 await asyncio.sleep(self.rng.uniform(6, 10))
                 os.kill(pid, signal.SIGCONT)
-            return p
+            return f"{vm}@{p}"
         if name == "fill_secondary_disk":
-            # Fill the tmpfs that holds the secondary's COLO overlays, as its QEMU sees it,
-            # while a second client makes the guest write new blocks (a full disk matters when
-            # the overlays must grow; the steady writer alone reuses their clusters).
-            # One process fills, waits and frees, inside the QEMU's mount namespace: the
-            # secondary QEMU is killed meanwhile (its copy broken), and its namespace would be
-            # out of reach afterwards.
-            pid = self.qemu_pid(s)
+            # Fill the tmpfs that holds the host's COLO overlays, as its QEMUs see it, while a
+            # second client per VM with a secondary there makes its guest write new blocks (a
+            # full disk matters when the overlays must grow; the steady writers alone reuse
+            # their clusters). One process fills, waits and frees, inside a secondary QEMU's
+            # mount namespace: the QEMU is killed meanwhile (its copy broken), and its
+            # namespace would be out of reach afterwards.
+            pid = self.qemu_pid(s, vm)
             if pid:
                 fill = host_dirs(c.lab, s)[1] / "colo" / "fill"
                 secs = self.rng.uniform(8, 12)
                 script = 'dd if=/dev/zero of="$1" bs=1M 2>/dev/null; sleep "$2"; rm -f "$1"'
                 argv = ["nsenter", "-t", str(pid), "-m", "sh", "-c", script, "sh", str(fill)]
                 proc = await asyncio.create_subprocess_exec(*argv, f"{secs:.1f}")
-                await self.burst(secs)
+                await self.burst(self.secondaries_on(s, pairs), secs)
                 if await asyncio.wait_for(proc.wait(), 60) != 0:
                     raise LabError(f"filling {fill} failed (exit {proc.returncode})")
             return s
         if name == "corrupt_bus":
             prefix = f"ftd/lab{c.lab.id}"
             for topic, payload in (
-                (f"{prefix}/vm/{VM}/state/{p}", '{"v":1,"kind":"vm_state","host":"zz"}'),
+                (f"{prefix}/vm/{vm}/state/{p}", '{"v":1,"kind":"vm_state","host":"zz"}'),
                 (f"{prefix}/host/{s}", "garbage"),
                 (f"{prefix}/hb/{p}", '{"v":1,"kind":"hb","host":"' + p + '","epoch":-1}'),
             ):
@@ -209,50 +286,55 @@ class Campaign:
             return "bus"
         raise ValueError(f"unknown fault {name}")
 
+    async def check(self, vm: str, acked_before: int | None, rnd: Round) -> None:
+        """Every record acknowledged on ``vm`` before the fault, and every burst record, is on
+        its disk now."""
+        w = self.writers[vm]
+        if w.broken:
+            # A fault may break the client's TCP connection (e.g. a long partition): that is
+            # not a loss; what was acknowledged must still be on the disk.
+            say(f"round {rnd.n}: {vm} writer ended; reconnecting to check")
+            await self.writer(vm)
+        if acked_before is None:
+            return
+        for _ in range(3):
+            try:
+                assert w.disk is not None
+                check = await w.disk.verify(w.first_sector, acked_before)
+                break
+            except Exception as err:
+                say(f"round {rnd.n}: {vm} verify failed ({err}); reconnecting")
+                await self.writer(vm)
+        else:
+            rnd.violations.append(f"{vm}: could not verify the disk")
+            return
+        if not check.ok:
+            rnd.violations.append(f"{vm}: acknowledged records lost: {check}")
+        for first, last in w.bursts:
+            burst = await w.disk.verify(first, last)
+            if not burst.ok:
+                rnd.violations.append(f"{vm}: acknowledged burst records lost: {burst}")
+
     async def round(self, n: int, name: str) -> Round:
-        p, s = await self.protected()
-        if (
-            self.disk is None
-            or self.disk.error is not None
-            or self.task is None
-            or self.task.done()
-        ):
-            await self.writer()
+        pairs = await self.all_protected()
+        for vm in self.vms:
+            if self.writers[vm].broken:
+                await self.writer(vm)
         await asyncio.sleep(self.rng.uniform(0.2, 2.0))
-        assert self.disk is not None
-        acked_before = self.disk.last_acked
+        acked_before = {vm: w.disk.last_acked if w.disk else None for vm, w in self.writers.items()}
+        vm = self.rng.choice(self.vms)
         rnd = Round(n, name, "")
-        say(f"round {n}: {name} (primary {p})")
-        rnd.target = await self.fault(name, p, s)
+        say(f"round {n}: {name} around {vm} (primary {pairs[vm][0]})")
+        rnd.target = await self.fault(name, vm, pairs)
         healed = time.monotonic()
         try:
-            await self.protected()
+            await self.all_protected()
             rnd.recovery_s = round(time.monotonic() - healed, 2)
         except LabError as err:
             rnd.violations.append(f"not protected again: {str(err)[:300]}")
             return rnd
-        if self.disk.error is not None or self.task is None or self.task.done():
-            # A fault may break the client's TCP connection (e.g. a long partition): that is
-            # not a loss; what was acknowledged must still be on the disk.
-            say(f"round {n}: writer ended ({self.disk.error}); reconnecting to check")
-            await self.writer()
-        if acked_before is not None:
-            for _ in range(3):
-                try:
-                    check = await self.disk.verify(self.first_sector, acked_before)
-                    break
-                except Exception as err:
-                    say(f"round {n}: verify failed ({err}); reconnecting")
-                    await self.writer()
-            else:
-                rnd.violations.append("could not verify the disk")
-                return rnd
-            if not check.ok:
-                rnd.violations.append(f"acknowledged records lost: {check}")
-            for first, last in self.bursts:
-                burst = await self.disk.verify(first, last)
-                if not burst.ok:
-                    rnd.violations.append(f"acknowledged burst records lost: {burst}")
+        for v in self.vms:
+            await self.check(v, acked_before[v], rnd)
         return rnd
 
 
@@ -280,36 +362,57 @@ def pct(values: list[float], q: float) -> float | None:
     return v[min(len(v) - 1, round(q * (len(v) - 1)))]
 
 
-async def campaign(rounds: int, seed: int) -> dict[str, object]:
+async def campaign(rounds: int, seed: int, layout_name: str) -> dict[str, object]:
     rng = random.Random(seed)
+    layout = LAYOUTS[layout_name]
     results: list[Round] = []
     leaks: list[str] = []
-    c = LabCluster([VmPlan(VM, "a", "b")], guest=build_guest(), overlay_tmpfs_mib=OVERLAY_TMPFS_MIB)
+    c = LabCluster(
+        layout.plans,
+        vm_hosts=layout.vm_hosts,
+        groups=layout.groups,
+        guest=build_guest(),
+        overlay_tmpfs_mib=OVERLAY_TMPFS_MIB * len(layout.plans),
+    )
     with c:
-        c.ftd["a"].ctl("protect", VM)
-        sockets = {
-            h: c.lab.workdir / "hosts" / h / "run" / "vms" / VM / "observe.sock" for h in c.vm_hosts
-        }
+        for plan in layout.plans:
+            c.ftd[plan.primary].ctl("protect", plan.name)
         camp = Campaign(c, rng)
-        await camp.protected()
-        await asyncio.sleep(6)  # the guest's services come up a few seconds after boot
-        await camp.writer()
+        await camp.all_protected(PROTECT_BOUND_S * 2)
+        await asyncio.sleep(6)  # the guests' services come up a few seconds after boot
+        for vm in camp.vms:
+            await camp.writer(vm)
         order = [FAULTS[i % len(FAULTS)] for i in range(rounds)]
         rng.shuffle(order)
-        with PrimarySampler(sockets) as smp:
+        samplers = [
+            PrimarySampler(
+                {
+                    h: c.lab.workdir / "hosts" / h / "run" / "vms" / plan.name / "observe.sock"
+                    for h in (plan.primary, plan.secondary)
+                }
+            )
+            for plan in layout.plans
+        ]
+        with contextlib.ExitStack() as stack:
+            for smp in samplers:
+                stack.enter_context(smp)
             for n, name in enumerate(order, 1):
                 try:
                     results.append(await camp.round(n, name))
                 except Exception as err:
                     results.append(Round(n, name, "?", None, [f"round crashed: {err!r}"]))
                 say(f"round {n}: {results[-1]}")
-        two = smp.violations()
-        if two:
-            results.append(Round(0, "invariant", "-", None, [f"two running primaries: {two[0]}"]))
-        if camp.task is not None:
-            camp.task.cancel()
-        if camp.disk is not None:
-            camp.disk.abort()
+        for plan, smp in zip(layout.plans, samplers, strict=True):
+            two = smp.violations()
+            if two:
+                results.append(
+                    Round(0, "invariant", plan.name, None, [f"two running primaries: {two[0]}"])
+                )
+        for w in camp.writers.values():
+            if w.task is not None:
+                w.task.cancel()
+            if w.disk is not None:
+                w.disk.abort()
         lab_id = c.lab.id
     if lab_id in list_namespaces():
         leaks.append(f"namespaces of lab {lab_id} left")
@@ -341,6 +444,8 @@ async def campaign(rounds: int, seed: int) -> dict[str, object]:
     return {
         "rounds": len([r for r in results if r.n]),
         "seed": seed,
+        "layout": layout_name,
+        "vms": len(layout.plans),
         "violations": violations,
         "recovery_s": {"p50": pct(rec, 0.5), "p99": pct(rec, 0.99)},
         "by_fault": by_fault,
@@ -351,12 +456,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__)
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="10 rounds (the make test variant)")
+    ap.add_argument("--layout", choices=sorted(LAYOUTS), default=None)
+    ap.add_argument(
+        "--quick", action="store_true", help="10 rounds, small layout unless --layout is given"
+    )
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     rounds = 10 if args.quick else args.rounds
-    result = asyncio.run(campaign(rounds, args.seed))
+    layout = args.layout or ("small" if args.quick else "full")
+    result = asyncio.run(campaign(rounds, args.seed, layout))
     print(json.dumps(result))
     return 1 if result["violations"] else 0
 

@@ -1,13 +1,18 @@
-"""``python -m bench.checkpoint_policy [--quick]``: checkpoint policies side by side on one guest.
+"""``python -m bench.checkpoint_policy [--quick] [--link-mbit M]``: checkpoint policies side by
+side on one guest.
 
 For each guest workload (``steady``: a constant dirty rate; ``bursty``: bursts of dirtying
 between idle spells), one lab VM is protected once and every policy runs on it in turn for
-the same measuring window, switched live with ``ftctl policy set``:
+the same measuring window, switched live with ``ftctl policy set``. The VM hosts' uplinks are
+shaped to ``--link-mbit`` (default 1000, a 1 GbE replication link; 0 leaves the veth links at
+memory speed, where a checkpoint's pause hardly depends on the pages it sends and no policy
+has anything to decide):
 
 * ``fixed``: QEMU's periodic checkpoint; the intervals are tried longest first and the
   longest whose p99 pause meets the pause budget is kept (the best a fixed interval can do
   within the budget); if none does, the shortest tried is reported with ``meets_budget`` false;
-* ``pause-budget``: checkpoint when the predicted pause reaches the budget;
+* ``pause-budget``: checkpoint when the predicted pause reaches the budget (told the link's
+  speed, as an operator would);
 * ``dirty-threshold``: checkpoint at the page count the fixed runs' pause fit gives for the
   budget.
 
@@ -205,7 +210,13 @@ def wait_protected(c: LabCluster, timeout: float = 180.0) -> str:
 
 
 async def bench_workload(
-    name: str, workload: str, *, window_s: float, fixed_ms: Sequence[int], budget_ms: float
+    name: str,
+    workload: str,
+    *,
+    window_s: float,
+    fixed_ms: Sequence[int],
+    budget_ms: float,
+    link_mbit: int,
 ) -> dict[str, Any]:
     progress(f"{name} ({workload}): building the lab and protecting {VM}")
     plan = VmPlan(
@@ -222,6 +233,8 @@ async def bench_workload(
         },
     )
     with LabCluster([plan], guest=build_guest()) as c:
+        for h in c.vm_hosts if link_mbit else ():
+            c.lab.shape(h, link_mbit)
         c.ftd["a"].ctl("protect", VM)
         wait_protected(c)
         b = Bench(c, window_s, budget_ms)
@@ -237,8 +250,11 @@ async def bench_workload(
         if chosen is None:
             chosen = fixed_runs[-1]
         pages = pages_for_budget(fixed_runs, budget_ms)
+        budget: dict[str, object] = {"policy": "pause-budget", "pause_budget_ms": budget_ms}
+        if link_mbit:
+            budget["link_bandwidth_mbps"] = link_mbit
         adaptive = {
-            "pause-budget": await b.run({"policy": "pause-budget", "pause_budget_ms": budget_ms}),
+            "pause-budget": await b.run(budget),
             "dirty-threshold": await b.run({"policy": "dirty-threshold", "dirty_pages": pages}),
         }
     out: dict[str, Any] = {"fixed": chosen.report(budget_ms)}
@@ -263,18 +279,26 @@ def pause_ratio(results: dict[str, Any]) -> float | None:
     return round(float(best["total_pause_ms"]) / float(fixed), 3)
 
 
-async def main_async(quick: bool, workloads: Sequence[str], budget_ms: float) -> dict[str, Any]:
+async def main_async(
+    quick: bool, workloads: Sequence[str], budget_ms: float, link_mbit: int
+) -> dict[str, Any]:
     window_s = 15.0 if quick else 60.0
     fixed_ms = QUICK_FIXED_INTERVALS_MS if quick else FIXED_INTERVALS_MS
     out: dict[str, Any] = {}
     for name in workloads:
         out[name] = await bench_workload(
-            name, WORKLOADS[name], window_s=window_s, fixed_ms=fixed_ms, budget_ms=budget_ms
+            name,
+            WORKLOADS[name],
+            window_s=window_s,
+            fixed_ms=fixed_ms,
+            budget_ms=budget_ms,
+            link_mbit=link_mbit,
         )
     ratios = {name: pause_ratio(out[name]) for name in workloads}
     known = [r for r in ratios.values() if r is not None]
     out["best_adaptive_vs_fixed_pause_ratio"] = ratios | {"max": max(known) if known else None}
     out["budget_ms"] = budget_ms
+    out["link_mbit"] = link_mbit
     out["window_s"] = window_s
     out["quick"] = quick
     return out
@@ -292,11 +316,16 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(WORKLOADS),
         help="only this workload (repeatable; default: all)",
     )
+    ap.add_argument(
+        "--link-mbit", type=int, default=1000, help="VM hosts' link rate in Mbit/s (0: unshaped)"
+    )
     args = ap.parse_args(argv)
+    if args.link_mbit < 0:
+        ap.error(f"--link-mbit {args.link_mbit}: must be >= 0")
     workloads = args.workload or list(WORKLOADS)
     started = time.monotonic()
     try:
-        out = asyncio.run(main_async(args.quick, workloads, args.budget_ms))
+        out = asyncio.run(main_async(args.quick, workloads, args.budget_ms, args.link_mbit))
     except (FtError, OSError) as err:
         print(json.dumps({"error": str(err)}))
         return 1

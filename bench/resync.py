@@ -50,7 +50,7 @@ from ftd.qemu.qmp import QmpSession
 from ftd.qemu.runtime import QemuRuntime
 from ftd.qemu.spec import QemuVmSpec
 from lab.image import GuestImage, build_guest, guest_append
-from lab.netns import UPLINK, Lab
+from lab.netns import Lab
 
 FRACTIONS = (0.01, 0.10, 0.50)
 PRIMARY, SECONDARY = "pa", "sb"
@@ -233,9 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Lab([PRIMARY, SECONDARY]) as lab:
             if args.link_mbit:
-                rate = f"{args.link_mbit}mbit"
-                tbf = ["tc", "qdisc", "add", "dev", UPLINK, "root", "tbf", "rate", rate]
-                lab.run(PRIMARY, [*tbf, "burst", "256kb", "latency", "50ms"], check=True)
+                lab.shape(PRIMARY, args.link_mbit)
             out |= asyncio.run(bench(lab, mib, args.seed, build_guest()))
     except (FtError, OSError) as err:
         out["error"] = str(err).splitlines()[0]

@@ -354,6 +354,13 @@ class LabCluster:
             f"--- ftd log tail of {host}:\n{self.ftd[host].tail(3000)}"
         )
 
+    def peer_of(self, name: str, host: str) -> str:
+        """The other host of VM ``name``'s pair (its configured primary and secondary)."""
+        for plan in self.plans:
+            if plan.name == name:
+                return plan.secondary if host == plan.primary else plan.primary
+        raise LabError(f"no VM {name!r} in the plan")
+
     def primary_host(self, name: str) -> str | None:
         """The host whose ftd runs VM ``name`` as a running primary, if any."""
         for h in self.vm_hosts:
@@ -373,7 +380,7 @@ class LabCluster:
         while time.monotonic() < deadline:
             p = self.primary_host(name)
             if p is not None:
-                s = next(h for h in self.vm_hosts if h != p)
+                s = self.peer_of(name, p)
                 try:
                     both = (self.vm_status(p, name)["state"], self.vm_status(s, name)["state"])
                 except LabError:
@@ -381,8 +388,11 @@ class LabCluster:
                 if both == ("protected", "protected"):
                     return p, s
             time.sleep(0.2)
+        pair = [
+            h for plan in self.plans if plan.name == name for h in (plan.primary, plan.secondary)
+        ]
         report = "\n".join(
             f"--- {h}:\n{self.ftd[h].ctl('status', check=False).stdout}\n{self.ftd[h].tail(1500)}"
-            for h in self.vm_hosts
+            for h in pair or self.vm_hosts
         )
         raise LabError(f"{name} not protected within {timeout}s\n{report}")

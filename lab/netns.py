@@ -648,6 +648,25 @@ class Lab:
         self._check_host(host)
         self._switch_ip(["link", "set", self._port(host), "up"])
 
+    def shape(self, host: str, mbit: int) -> None:
+        """Limit what ``host`` sends to ``mbit`` Mbit/s (a token bucket on its uplink): a
+        replication link of a real speed instead of a veth at memory speed.
+
+        Raises LabError for an unknown host, a rate below 1 or when tc fails.
+        """
+        self._check_host(host)
+        if mbit < 1:
+            raise LabError(f"link rate {mbit} Mbit/s: must be >= 1")
+        tbf = ["tbf", "rate", f"{mbit}mbit", "burst", "256kb", "latency", "50ms"]
+        res = self.run(
+            host,
+            ["tc", "qdisc", "replace", "dev", UPLINK, "root", *tbf],
+            capture_output=True,
+            text=True,
+        )
+        if res.returncode != 0:
+            raise LabError(f"shaping {host} to {mbit} Mbit/s failed: {res.stderr.strip()}")
+
     def _ebtables(self, args: Sequence[str]) -> str:
         argv = ["ip", "netns", "exec", namespace_name(self.id, SWITCH), "ebtables", *args]
         try:

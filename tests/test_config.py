@@ -413,8 +413,12 @@ BROKEN: list[tuple[str, list[tuple[str, object]], dict[str, str]]] = [
     (
         "rollback with a cold member",
         [("groups[0].policy", "rollback"), ("vms[1].standby", "cold")],
-        {"groups[0].members[1]": "policy rollback needs every member hot"},
+        {
+            "groups[0].members[1]": "policy rollback needs every member hot",
+            "vms[1].standby": "not available in this release",
+        },
     ),
+    ("cold standby", [("vms[0].standby", "cold")], {"vms[0].standby": "use standby: hot"}),
     (
         "epoch timeout not below the interval",
         [("groups[0].epoch_timeout_ms", 5000)],

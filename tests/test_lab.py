@@ -202,6 +202,54 @@ def test_cut_and_restore(lab2: Lab) -> None:
     assert lab2.ping("b", lab2.address("broker"))
 
 
+@pytest.mark.real
+def test_shape_limits_what_a_host_sends(lab2: Lab) -> None:
+    sink = textwrap.dedent(
+        """
+        import socket, sys, time
+        s = socket.create_server(("0.0.0.0", 7777))
+        print("up", flush=True)
+        c, _ = s.accept()
+        n, t0 = 0, None
+        while data := c.recv(65536):
+            t0 = t0 or time.monotonic()
+            n += len(data)
+        print(n, time.monotonic() - t0, flush=True)
+        """
+    )
+    send = textwrap.dedent(
+        f"""
+        import socket
+        s = socket.create_connection(("{lab2.address("b")}", 7777))
+        s.sendall(bytes(2 << 20))
+        s.close()
+        """
+    )
+
+    def transfer() -> float:
+        srv = lab2.popen("b", [sys.executable, "-c", sink], stdout=subprocess.PIPE, text=True)
+        assert srv.stdout is not None and srv.stdout.readline().strip() == "up"
+        lab2.run("a", [sys.executable, "-c", send], check=True, timeout=30)
+        n, took = srv.stdout.readline().split()
+        srv.wait(10)
+        assert int(n) == 2 << 20
+        return float(took)
+
+    fast = transfer()
+    lab2.shape("a", 8)
+    shown = lab2.run("a", ["tc", "qdisc", "show", "dev", "up0"], capture_output=True, text=True)
+    assert "tbf" in shown.stdout and "8Mbit" in shown.stdout, shown.stdout
+    slow = transfer()
+    measured("2MiB_unshaped", fast)
+    measured("2MiB_at_8Mbit", slow)
+    # 16 Mbit at 8 Mbit/s: 2 s (the first 256 KiB pass as the bucket's burst).
+    assert slow > 1.5 > fast, (fast, slow)
+    with pytest.raises(LabError, match="must be >= 1"):
+        lab2.shape("a", 0)
+    with pytest.raises(LabError):
+        lab2.shape("nohost", 10)
+
+
 def add_fake_vm(lab: Lab, host: str, octet: int) -> str:
     """A namespace bridged onto ``host``'s br0 like a QEMU tap would be; returns its address."""
     vm_ns = namespace_name(lab.id, f"vm{host}")

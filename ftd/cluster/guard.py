@@ -326,6 +326,7 @@ class GuardClient:
         self.connected = False
         self.last_error: str | None = None
         self.spawned: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self.renewed_at: float | None = None
 
     def update(self, deadline: float | None, primaries: Mapping[str, int]) -> None:
@@ -377,7 +378,14 @@ class GuardClient:
             close_fds=True,
         )
         self.spawned = proc.pid
+        self._proc = proc
         self._log(f"guard started (pid {proc.pid})")
+
+    def _reap(self) -> None:
+        """Collect the exit status of a guard this ftd started that has exited (an idle guard
+        exits; left uncollected it would stay a zombie while ftd runs)."""
+        if self._proc is not None and self._proc.poll() is not None:
+            self._proc = None
 
     async def ask(self, line: str) -> str:
         """One request; the reply. Raises FtError when the guard cannot be reached or refuses."""
@@ -426,6 +434,7 @@ class GuardClient:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            self._reap()
             # What the guard did while this ftd did not renew (hung, or out of quorum).
             for rec in read_records(self.record):
                 self._on_fenced(rec)

@@ -544,6 +544,12 @@ def _vm_uniqueness(cfg: Any, out: _Issues) -> None:
     ports: dict[str, list[tuple[int, int, str]]] = {}
     disks: dict[tuple[str, Path], int] = {}
     for i, vm in enumerate(cfg.vms):
+        if _ok(vm.standby) and vm.standby == "cold":
+            out.add(
+                _at("vms", i, "standby"),
+                "cold standby (a replicated disk, restart on failure) is not available in this "
+                "release; use standby: hot (a live COLO secondary)",
+            )
         if _ok(vm.name):
             if vm.name in names:
                 out.add(

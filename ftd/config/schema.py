@@ -568,7 +568,10 @@ class Vm:
     )
     standby: Standby = field(
         default="hot",
-        metadata=doc("hot: a live COLO secondary; cold: restart from the replicated disk"),
+        metadata=doc(
+            "hot: a live COLO secondary; cold (a replicated disk, restart on failure) is "
+            "refused: not available in this release"
+        ),
     )
     memory_mib: int = field(metadata=doc("guest memory", lo=64, hi=1048576))
     vcpus: int = field(default=1, metadata=doc("guest vCPUs", lo=1, hi=64))
