@@ -3,8 +3,8 @@
 
 Layouts (witness w, the broker's host, and the outside client c in both):
 
-- ``full`` (default): VM hosts a, b, d; four protected VMs (64 MiB TCG guests, eight QEMUs) in
-  two groups: ``g1`` = vm1 (a->b) + vm2 (b->d), policy failover-all; ``g2`` = vm3 (d->a) +
+- ``full`` (default): VM hosts a, b, d; four protected VMs (128 MiB TCG guests, eight QEMUs)
+  in two groups: ``g1`` = vm1 (a->b) + vm2 (b->d), policy failover-all; ``g2`` = vm3 (d->a) +
   vm4 (a->d), policy rollback;
 - ``small`` (``--quick``, the make test variant): VM hosts a, b and one VM, vm1 (a->b).
 
@@ -73,10 +73,10 @@ LAYOUTS = {
     "full": Layout(
         ("a", "b", "d"),
         (
-            VmPlan("vm1", "a", "b", workloads=("disk",), memory_mib=64, checkpoint=_CKPT),
-            VmPlan("vm2", "b", "d", workloads=("disk",), memory_mib=64, checkpoint=_CKPT),
-            VmPlan("vm3", "d", "a", workloads=("disk",), memory_mib=64, checkpoint=_CKPT),
-            VmPlan("vm4", "a", "d", workloads=("disk",), memory_mib=64, checkpoint=_CKPT),
+            VmPlan("vm1", "a", "b", workloads=("disk",), checkpoint=_CKPT),
+            VmPlan("vm2", "b", "d", workloads=("disk",), checkpoint=_CKPT),
+            VmPlan("vm3", "d", "a", workloads=("disk",), checkpoint=_CKPT),
+            VmPlan("vm4", "a", "d", workloads=("disk",), checkpoint=_CKPT),
         ),
         (
             {"name": "g1", "members": ["vm1", "vm2"], "policy": "failover-all"},
@@ -150,7 +150,19 @@ class Campaign:
                 await asyncio.gather(w.task, return_exceptions=True)
             w.disk.abort()
         nxt = (w.disk.last_acked + 1) if w.disk and w.disk.last_acked else 1
-        r, wr = await self.c.lab.open_connection(self.c.client, self.c.vm_address(vm), DISK_PORT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r, wr = await self.c.lab.open_connection(
+                    self.c.client, self.c.vm_address(vm), DISK_PORT
+                )
+                break
+            except OSError as err:
+                # The guest's services come up a few seconds after boot, later with 4 guests
+                # booting on 2 cores; a guest that never answers fails the round.
+                if time.monotonic() > deadline:
+                    raise LabError(f"{vm}: disk service unreachable for 60 s: {err}") from err
+                await asyncio.sleep(1.0)
         w.disk = DiskWriterClient(r, wr, start=nxt, rate=10, answer_timeout=60)
         w.task = asyncio.create_task(w.disk.run(), name=f"chaos-disk-writer-{vm}")
 

@@ -66,7 +66,7 @@ def make_spec(
     d = base / host
     return QemuVmSpec(
         name="vm1",
-        memory_mib=64,
+        memory_mib=128,
         vcpus=1,
         accel="tcg",
         machine="pc",
