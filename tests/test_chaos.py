@@ -1,4 +1,5 @@
-"""The short chaos campaign (10 seeded rounds: every fault once) runs in make test."""
+"""The short chaos campaign runs in make test: 10 seeded rounds (every fault once) on the full
+campaign's lab (3 VM hosts, 4 protected VMs in 2 groups)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def test_short_chaos_campaign_has_no_violation() -> None:
     last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "{}"
     result = json.loads(last)
     assert result.get("rounds") == 10, r.stderr[-3000:]
+    assert result["layout"] == "full" and result["vms"] == 4, result
     assert result["violations"] == [], (result["violations"], r.stderr[-5000:])
     assert r.returncode == 0
     assert len(FAULTS) == 10 and set(result["by_fault"]) == set(FAULTS), result["by_fault"]

@@ -159,9 +159,13 @@ async def test_incremental_resync_copies_what_changed(
         await colo.prepare_secondary(new_sec.qmp, new_sec.spec)
         theirs = resync.disk_digest(new_sec.spec.disk_path)
         seen: list[tuple[int, int]] = []
+        # The takeover committed the survivor's COLO overlays: none is left in its graph.
+        files = {n.get("file") for n in await new_pri.qmp.execute("query-named-block-nodes")}
+        assert str(b.spec.active_overlay) not in files, files
         result = await resync.copy_changed(
             new_pri.qmp,
             disk_path=new_pri.spec.disk_path,
+            overlays=(b.spec.active_overlay, b.spec.hidden_overlay),
             peer=new_pri.spec.peer_address,
             nbd_port=new_pri.spec.nbd_port,
             theirs=theirs,

@@ -244,10 +244,31 @@ async def _round(pri: QmpSession, timeout_s: float, progress: Progress | None, b
             raise QemuError(f"{pri.name}: resync round ended {ev['event']}: {data}")
 
 
+async def wait_overlays_committed(
+    pri: QmpSession, overlays: Sequence[Path], timeout_s: float = 10.0
+) -> None:
+    """Wait until none of ``overlays`` (a former secondary's COLO active/hidden overlays) is
+    still in the primary's block graph. At takeover QEMU commits them into the disk with an
+    internal job whose writes bypass the guest's disk node, so a bitmap there would miss them
+    and the digest could read the disk half-committed. Raises QemuError after ``timeout_s``."""
+    names = {str(p) for p in overlays}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        nodes = await pri.execute("query-named-block-nodes")
+        pending = sorted({str(n.get("file")) for n in nodes} & names)
+        if not pending:
+            return
+        if loop.time() > deadline:
+            raise QemuError(f"{pri.name}: takeover overlays not yet committed: {pending}")
+        await asyncio.sleep(0.1)
+
+
 async def copy_changed(
     pri: QmpSession,
     *,
     disk_path: Path,
+    overlays: Sequence[Path] = (),
     peer: str,
     nbd_port: int,
     theirs: Digest,
@@ -258,9 +279,12 @@ async def copy_changed(
     this running primary's, then pause the guest for a last round.
 
     On return the primary is paused and both disks are identical (:func:`ftd.qemu.colo.
-    start_colo` resumes it); the bitmap and the NBD client node are gone. Raises QemuError
-    (digest read failed, job failed or too slow) or QmpError; the caller resumes the guest.
+    start_colo` resumes it); the bitmap and the NBD client node are gone. ``overlays``: this
+    host's COLO overlays, which must be committed first (:func:`wait_overlays_committed`).
+    Raises QemuError (overlays not committed, digest read failed, job failed or too slow) or
+    QmpError; the caller resumes the guest.
     """
+    await wait_overlays_committed(pri, overlays)
     await cleanup(pri)
     await pri.execute(
         "block-dirty-bitmap-add", {"node": DISK_ID, "name": BITMAP, "granularity": GRANULARITY}

@@ -545,6 +545,7 @@ class VmRunner:
                 result = await resync.copy_changed(
                     self._qmp(),
                     disk_path=self.spec.disk_path,
+                    overlays=(self.spec.active_overlay, self.spec.hidden_overlay),
                     peer=self.spec.peer_address,
                     nbd_port=self.spec.nbd_port,
                     theirs=theirs,
@@ -774,10 +775,17 @@ class VmRunner:
         q = self.qmp
         if q is None or not q.connected:
             return
-        for cmd, args in (
-            ("migrate_cancel", None),
-            ("block-job-cancel", {"device": colo.MIRROR_JOB, "force": True}),
-        ):
+        in_colo = False
+        with contextlib.suppress(FtError):
+            in_colo = (await q.execute("query-colo-status")).get("mode") == "primary"
+        # A COLO that runs is ended by the failover below; cancelling its migration instead
+        # leaves it "cancelling" while the COLO thread waits on its peer.
+        cancels: list[tuple[str, dict[str, object] | None]] = [
+            ("block-job-cancel", {"device": colo.MIRROR_JOB, "force": True})
+        ]
+        if not in_colo:
+            cancels.insert(0, ("migrate_cancel", None))
+        for cmd, args in cancels:
             with contextlib.suppress(FtError):
                 await q.execute(cmd, args)
         with contextlib.suppress(FtError):
