@@ -47,7 +47,10 @@ GUEST_MODULES = ("e1000", "virtio_pci", "virtio_blk")
 #: Bumped when the archive layout changes, so old stamps stop matching.
 _LAYOUT = 1
 _SERVICES = ("counter.sh", "disk.sh", "dirty.sh", "stats.sh")
-_WORKLOAD_RE = re.compile(r"idle|counter|disk|steady:[1-9]\d*|bursty:[1-9]\d*:[1-9]\d*:\d+")
+_WORKLOAD_RE = re.compile(
+    r"idle|counter|disk|steady:([1-9]\d*)(?::([1-9]\d*))?"
+    r"|bursty:([1-9]\d*):[1-9]\d*:\d+(?::([1-9]\d*))?"
+)
 _IP_RE = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})/(\d{1,2})")
 
 
@@ -110,7 +113,8 @@ def guest_append(
     """The kernel command line for the lab guest.
 
     ``ip`` is ``A.B.C.D/P`` (None: no network); ``workloads`` items are ``idle``, ``counter``,
-    ``disk``, ``steady:N`` or ``bursty:N:ON:OFF`` (at most one of the last two).
+    ``disk``, ``steady:N[:REGION]`` or ``bursty:N:ON:OFF[:REGION]`` (at most one of the last
+    two; N MiB a second, to the next N MiB of a REGION-MiB buffer, REGION >= N, default N).
     Raises LabError naming the bad value.
     """
     parts = [f"console={console}", "quiet", "panic=-1"]
@@ -122,11 +126,15 @@ def guest_append(
     if not workloads:
         raise LabError("guest workloads: give at least one (e.g. 'idle')")
     for w in workloads:
-        if not _WORKLOAD_RE.fullmatch(w):
+        m = _WORKLOAD_RE.fullmatch(w)
+        if not m:
             raise LabError(
-                f"guest workload {w!r} is not one of idle, counter, disk, steady:N, "
-                "bursty:N:ON:OFF (N, ON >= 1)"
+                f"guest workload {w!r} is not one of idle, counter, disk, steady:N[:REGION], "
+                "bursty:N:ON:OFF[:REGION] (N, ON >= 1)"
             )
+        n, region = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        if region is not None and int(region) < int(n):
+            raise LabError(f"guest workload {w!r}: REGION {region} is below N {n}")
     if sum(w.startswith(("steady:", "bursty:")) for w in workloads) > 1:
         raise LabError(f"guest workloads {list(workloads)}: at most one steady:/bursty:")
     parts.append("ftd.workload=" + ",".join(workloads))

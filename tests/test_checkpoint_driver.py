@@ -10,7 +10,7 @@ import pytest
 
 from ftd.checkpoint.driver import CheckpointDriver, config_params, merge_params, timer_ms
 from ftd.checkpoint.model import DirtySample
-from ftd.checkpoint.policy import make_policy
+from ftd.checkpoint.policy import PauseBudget, make_policy
 from ftd.config.schema import Checkpoint as CheckpointConfig
 from ftd.errors import ConfigError, QmpError
 from ftd.qemu.trace import Checkpoint
@@ -157,3 +157,13 @@ def test_merge_params_keeps_bounds_and_validates() -> None:
         merge_params(cfg, {"policy": "pause-budget"})
     with pytest.raises(ConfigError, match="safety_margin"):
         merge_params(new, {"safety_margin": 1.5})
+
+
+def test_config_link_speed_reaches_the_pause_budget_policy() -> None:
+    cfg = CheckpointConfig(policy="pause-budget", pause_budget_ms=150, link_bandwidth_mbps=1000)
+    params = config_params(cfg)
+    assert params["link_bandwidth_mbps"] == 1000
+    policy = make_policy(params)
+    assert isinstance(policy, PauseBudget) and policy.link_bandwidth_mbps == 1000
+    # 4096 pages (16 MiB) take 134 ms at 1 Gbit/s.
+    assert policy.transfer_ms(4096) == pytest.approx(134.2, abs=0.1)

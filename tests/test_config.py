@@ -399,6 +399,21 @@ BROKEN: list[tuple[str, list[tuple[str, object]], dict[str, str]]] = [
         {"vms[0].checkpoint.dirty_pages": "only used with policy 'dirty-threshold'"},
     ),
     (
+        "link speed without policy pause-budget",
+        [("vms[0].checkpoint", {"link_bandwidth_mbps": 1000})],
+        {"vms[0].checkpoint.link_bandwidth_mbps": "only used with policy 'pause-budget'"},
+    ),
+    (
+        "link speed of zero",
+        [
+            (
+                "vms[1].checkpoint",
+                {"policy": "pause-budget", "pause_budget_ms": 100, "link_bandwidth_mbps": 0},
+            )
+        ],
+        {"vms[1].checkpoint.link_bandwidth_mbps": ">= 1"},
+    ),
+    (
         "unknown group member",
         [("groups[0].members[1]", "v9")],
         {"groups[0].members[1]": "unknown VM 'v9'"},

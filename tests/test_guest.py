@@ -64,9 +64,15 @@ def test_guest_append() -> None:
     for ip in ("10.0.2.15", "10.0.2.300/24", "10.0.2.1/33"):
         with pytest.raises(LabError, match="ip"):
             guest_append(ip, ["idle"])
-    for w in (["steady:0"], ["bursty:1:1"], ["spin"], []):
+    assert guest_append(None, ["bursty:16:3:5:48"]).endswith("ftd.workload=bursty:16:3:5:48")
+    assert guest_append(None, ["steady:6:48"]).endswith("ftd.workload=steady:6:48")
+    for w in (["steady:0"], ["steady:2:0"], ["bursty:1:1"], ["bursty:4:1:1:0"], ["spin"], []):
         with pytest.raises(LabError, match="workload"):
             guest_append(None, w)
+    with pytest.raises(LabError, match="REGION 3 is below N 4"):
+        guest_append(None, ["bursty:4:1:1:3"])
+    with pytest.raises(LabError, match="REGION 5 is below N 6"):
+        guest_append(None, ["steady:6:5"])
     with pytest.raises(LabError, match="at most one"):
         guest_append(None, ["steady:1", "bursty:1:1:1"])
 

@@ -486,6 +486,12 @@ def _checkpoint_rules(cp: Any, path: str, out: _Issues) -> None:
             out.add(_at(path, key), f"required when policy is {owner!r}")
         elif cp.policy != owner and value is not None and _ok(value):
             out.add(_at(path, key), f"only used with policy {owner!r} (policy is {cp.policy!r})")
+    link = cp.link_bandwidth_mbps
+    if cp.policy != "pause-budget" and link is not None and _ok(link):
+        out.add(
+            _at(path, "link_bandwidth_mbps"),
+            f"only used with policy 'pause-budget' (policy is {cp.policy!r})",
+        )
 
 
 def _vm_rules(vm: Any, path: str, out: _Issues) -> None:

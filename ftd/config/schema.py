@@ -553,6 +553,16 @@ class Checkpoint:
             hi=60000,
         ),
     )
+    link_bandwidth_mbps: int | None = field(
+        default=None,
+        metadata=doc(
+            "replication link speed in Mbit/s for policy pause-budget: the predicted pause "
+            "then includes sending the dirty pages over it (unset: learnt from the pauses "
+            "seen, which on a fast link hardly depend on the pages); only for pause-budget",
+            lo=1,
+            hi=1000000,
+        ),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

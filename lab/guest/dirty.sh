@@ -1,25 +1,31 @@
 #!/bin/sh
 # Memory-dirtying workload: N MiB/s for ON seconds, then idle OFF seconds, repeating (OFF=0 is a
-# steady rate).  Validates its arguments, then detaches into the background.
+# steady rate).  The N MiB of each second go to the next N MiB of a REGION-MiB buffer, round
+# robin (REGION defaults to N: every second rewrites the same N MiB; a larger REGION makes the
+# pages dirtied since the last checkpoint grow with the time since it, up to REGION, as a batch
+# job or a database load writing new data does).  Validates its arguments, then detaches into
+# the background.
 # The source is random, not zeros: migration sends a zero page as a marker, so zeros would
 # dirty RAM without loading the checkpoint stream.  /run/work counts MiB dirtied so far.
-mib=$1 on=$2 off=$3
-for v in "$mib" "$on" "$off"; do
+mib=$1 on=$2 off=$3 region=${4:-$1}
+for v in "$mib" "$on" "$off" "$region"; do
     case "$v" in
         '' | *[!0-9]*) exit 1 ;;
     esac
 done
-[ "$mib" -ge 1 ] && [ "$on" -ge 1 ] || exit 1
+[ "$mib" -ge 1 ] && [ "$on" -ge 1 ] && [ "$region" -ge "$mib" ] || exit 1
 
 dd if=/dev/urandom of=/run/dirty-src bs=1M count=1 2>/dev/null || exit 1
 (
     work=0
+    pos=0
     while true; do
         s=0
         while [ "$s" -lt "$on" ]; do
             i=0
             while [ "$i" -lt "$mib" ]; do
-                dd if=/run/dirty-src of=/run/dirty bs=1M count=1 seek="$i" conv=notrunc 2>/dev/null
+                dd if=/run/dirty-src of=/run/dirty bs=1M count=1 seek="$pos" conv=notrunc 2>/dev/null
+                pos=$(((pos + 1) % region))
                 i=$((i + 1))
             done
             work=$((work + mib))
