@@ -383,20 +383,33 @@ class LabCluster:
                 return h
         return None
 
-    def wait_protected(self, name: str, timeout: float = 120.0) -> tuple[str, str]:
+    def wait_protected(
+        self, name: str, timeout: float = 120.0, checkpoint_after: float | None = None
+    ) -> tuple[str, str]:
         """Wait until VM ``name`` is protected with both copies in step, wherever its primary
-        is now; returns (primary host, secondary host). Raises LabError with both hosts'
-        status and log tails on timeout."""
+        is now; returns (primary host, secondary host). The primary must also have completed
+        a checkpoint after ``checkpoint_after`` (a ``time.time()``; default: this call's
+        start): the proof that the pair works, where a status read just after a fault may
+        still say "protected" because ftd has not noticed it yet. Raises LabError with both
+        hosts' status and log tails on timeout."""
+        if checkpoint_after is None:
+            checkpoint_after = time.time()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             p = self.primary_host(name)
             if p is not None:
                 s = self.peer_of(name, p)
                 try:
-                    both = (self.vm_status(p, name)["state"], self.vm_status(s, name)["state"])
+                    asked = time.time()
+                    pst = self.vm_status(p, name)
+                    both = (pst["state"], self.vm_status(s, name)["state"])
                 except LabError:
                     both = ("", "")
-                if both == ("protected", "protected"):
+                    pst = {}
+                age = (pst.get("checkpoints") or {}).get("age_s")
+                # age_s is rounded to 0.1 s: a checkpoint counts when surely after.
+                fresh = isinstance(age, int | float) and asked - age > checkpoint_after + 0.1
+                if both == ("protected", "protected") and fresh:
                     return p, s
             time.sleep(0.2)
         pair = [
