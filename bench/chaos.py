@@ -17,7 +17,9 @@ is protected again, and checks:
 
 - never two running primaries of any VM (both QEMUs of each VM sampled every 50 ms through
   their observer QMP sockets, for the whole campaign);
-- no acknowledged record lost (each guest checks every record acknowledged so far on it);
+- no acknowledged record lost (each guest checks the records acknowledged on it since the
+  previous check; every 10th round and the last one check all of them again, since a record
+  found once can still be lost later);
 - every VM protected again within a bound after the heal (the recovery time is recorded:
   heal to every VM protected on both hosts with a checkpoint completed after the heal, which
   a pair that has not noticed the fault yet cannot show; so it includes up to one checkpoint
@@ -26,7 +28,9 @@ is protected again, and checks:
 
 Progress on stderr; a table, then one JSON object as the last stdout line: ``rounds``,
 ``layout``, ``violations`` (list), ``recovery_s`` ({p50, p99}), ``by_fault`` (rounds and
-violations per fault). Exit status 1 on any violation.
+violations per fault), ``stopped`` (why the campaign ended early, else null). SIGINT or SIGTERM
+ends it after the current round: every record is checked, then the report. Exit status 1 on any
+violation.
 
 Faults: kill -9 of the primary or the secondary QEMU, kill -9 of an ftd (restarted 1-4 s
 later), a host's death (its ftd and all its QEMUs, ftd restarted 3 s later), a cut of the primary's
@@ -59,9 +63,14 @@ from lab.invariants import PrimarySampler
 from lab.netns import list_namespaces
 
 PROTECT_BOUND_S = 150.0
-#: Burst writers (fill_secondary_disk) use sectors from here on, 4000 per burst; the main
-#: writers stay far below (10 records/s).
-BURST_SECTOR = 60000
+#: The lab's disks are 64 MiB: 131072 records of a sector. The main writers (10 records/s)
+#: use the sectors below BURST_SECTOR (2.2 hours of writing); the burst writers of
+#: fill_secondary_disk the sectors from there, BURST_SPAN per burst and VM (25 bursts a VM).
+DISK_SECTORS = 64 * 2048
+BURST_SECTOR = 80000
+BURST_SPAN = 2000
+#: Every this many rounds, and at the end, the check covers every record acknowledged so far.
+FULL_CHECK_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,8 @@ class Round:
     target: str
     recovery_s: float | None = None
     violations: list[str] = field(default_factory=list)
+    #: Whether this round checked every record acknowledged so far (else only newer ones).
+    full_check: bool = False
 
 
 @dataclass
@@ -113,6 +124,11 @@ class Writer:
     first_sector: int = 1
     #: (first, last acknowledged) record of each burst writer, checked after each round.
     bursts: list[tuple[int, int]] = field(default_factory=list)
+    #: Records up to here were found on the disk by an earlier check; bursts before this
+    #: index too. A round checks what is newer; every FULL_CHECK_EVERY rounds and at the end
+    #: everything is checked again (a record found once can still be lost later).
+    checked_to: int = 0
+    bursts_checked: int = 0
 
     @property
     def broken(self) -> bool:
@@ -130,7 +146,6 @@ class Campaign:
         self.rng = rng
         self.vms = [p.name for p in c.plans]
         self.writers = {vm: Writer(vm) for vm in self.vms}
-        self.burst_no = 0
 
     # -- helpers ----------------------------------------------------------------------------
     async def protected(
@@ -160,6 +175,11 @@ class Campaign:
                 await asyncio.gather(w.task, return_exceptions=True)
             w.disk.abort()
         nxt = (w.disk.last_acked + 1) if w.disk and w.disk.last_acked else 1
+        if nxt >= BURST_SECTOR:
+            raise LabError(
+                f"{vm}: its writer reached sector {BURST_SECTOR}, where the burst records "
+                "start: the campaign ran longer than its disk has room for"
+            )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -174,7 +194,9 @@ class Campaign:
                     raise LabError(f"{vm}: disk service unreachable for 60 s: {err}") from err
                 await asyncio.sleep(1.0)
         w.disk = DiskWriterClient(r, wr, start=nxt, rate=10, answer_timeout=60)
-        w.task = asyncio.create_task(w.disk.run(), name=f"chaos-disk-writer-{vm}")
+        w.task = asyncio.create_task(
+            w.disk.run(count=BURST_SECTOR - nxt), name=f"chaos-disk-writer-{vm}"
+        )
 
     def ftd_restart(self, host: str) -> None:
         f = self.c.ftd[host]
@@ -194,12 +216,13 @@ class Campaign:
         once the VMs are protected again (``Writer.bursts``)."""
         started: list[tuple[str, int, DiskWriterClient, asyncio.Task[None]]] = []
         for vm in vms:
-            start = BURST_SECTOR + 4000 * self.burst_no
-            self.burst_no += 1
+            start = BURST_SECTOR + BURST_SPAN * len(self.writers[vm].bursts)
+            if start + BURST_SPAN > DISK_SECTORS:
+                raise LabError(f"{vm}: no room left on its disk for another burst writer")
             addr = self.c.vm_address(vm)
             r, w = await self.c.lab.open_connection(self.c.client, addr, DISK_PORT)
             b = DiskWriterClient(r, w, start=start, rate=None, answer_timeout=60)
-            started.append((vm, start, b, asyncio.create_task(b.run(count=3000))))
+            started.append((vm, start, b, asyncio.create_task(b.run(count=BURST_SPAN))))
         await asyncio.sleep(seconds)
         for vm, start, b, task in started:
             task.cancel()
@@ -308,9 +331,11 @@ class Campaign:
             return "bus"
         raise ValueError(f"unknown fault {name}")
 
-    async def check(self, vm: str, acked_before: int | None, rnd: Round) -> None:
-        """Every record acknowledged on ``vm`` before the fault, and every burst record, is on
-        its disk now."""
+    async def check(self, vm: str, acked_before: int | None, rnd: Round, full: bool) -> None:
+        """The records acknowledged on ``vm`` before the fault, and the burst records, are on
+        its disk now: those not found by an earlier check, or all of them when ``full`` (a
+        guest reads every record it checks: checking all of them each round would make a
+        round's check grow with the campaign)."""
         w = self.writers[vm]
         if w.broken:
             # A fault may break the client's TCP connection (e.g. a long partition): that is
@@ -319,10 +344,13 @@ class Campaign:
             await self.writer(vm)
         if acked_before is None:
             return
+        first = w.first_sector if full else max(w.first_sector, w.checked_to + 1)
+        if first > acked_before:
+            return
         for _ in range(3):
             try:
                 assert w.disk is not None
-                check = await w.disk.verify(w.first_sector, acked_before)
+                check = await w.disk.verify(first, acked_before)
                 break
             except Exception as err:
                 say(f"round {rnd.n}: {vm} verify failed ({err}); reconnecting")
@@ -332,12 +360,14 @@ class Campaign:
             return
         if not check.ok:
             rnd.violations.append(f"{vm}: acknowledged records lost: {check}")
-        for first, last in w.bursts:
-            burst = await w.disk.verify(first, last)
+        w.checked_to = max(w.checked_to, acked_before)
+        for b_first, b_last in w.bursts[0 if full else w.bursts_checked :]:
+            burst = await w.disk.verify(b_first, b_last)
             if not burst.ok:
                 rnd.violations.append(f"{vm}: acknowledged burst records lost: {burst}")
+        w.bursts_checked = len(w.bursts)
 
-    async def round(self, n: int, name: str) -> Round:
+    async def round(self, n: int, name: str, full_check: bool) -> Round:
         pairs = await self.all_protected()
         for vm in self.vms:
             if self.writers[vm].broken:
@@ -357,8 +387,9 @@ class Campaign:
         except LabError as err:
             rnd.violations.append(f"not protected again: {str(err)[:300]}")
             return rnd
+        rnd.full_check = full_check
         for v in self.vms:
-            await self.check(v, acked_before[v], rnd)
+            await self.check(v, acked_before[v], rnd, full_check)
         return rnd
 
 
@@ -390,6 +421,7 @@ async def campaign(rounds: int, seed: int, layout_name: str) -> dict[str, object
     rng = random.Random(seed)
     layout = LAYOUTS[layout_name]
     results: list[Round] = []
+    stopped: str | None = None
     leaks: list[str] = []
     c = LabCluster(
         layout.plans,
@@ -420,12 +452,35 @@ async def campaign(rounds: int, seed: int, layout_name: str) -> dict[str, object
         with contextlib.ExitStack() as stack:
             for smp in samplers:
                 stack.enter_context(smp)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
             for n, name in enumerate(order, 1):
+                if stop.is_set():
+                    stopped = f"stopped by a signal after round {n - 1} of {rounds}"
+                    say(stopped)
+                    break
+                full = n % FULL_CHECK_EVERY == 0 or n == rounds
                 try:
-                    results.append(await camp.round(n, name))
+                    results.append(await camp.round(n, name, full))
                 except Exception as err:
                     results.append(Round(n, name, "?", None, [f"round crashed: {err!r}"]))
                 say(f"round {n}: {results[-1]}")
+            if results and not results[-1].full_check:
+                # Stopped early: check every record acknowledged so far all the same.
+                final = Round(0, "final_check", "all VMs")
+                try:
+                    await camp.all_protected(since=time.time())
+                    for vm in camp.vms:
+                        w = camp.writers[vm]
+                        last = w.disk.last_acked if w.disk else None
+                        await camp.check(vm, last, final, True)
+                except Exception as err:
+                    final.violations.append(f"final check failed: {err!r}")
+                results.append(final)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
         for plan, smp in zip(layout.plans, samplers, strict=True):
             two = smp.violations()
             if two:
@@ -473,6 +528,7 @@ async def campaign(rounds: int, seed: int, layout_name: str) -> dict[str, object
         "violations": violations,
         "recovery_s": {"p50": pct(rec, 0.5), "p99": pct(rec, 0.99)},
         "by_fault": by_fault,
+        "stopped": stopped,
     }
 
 

@@ -213,7 +213,7 @@ class FtdProcess:
     def status(self, timeout: float = 60) -> dict[str, Any]:
         """ftd's status (what ``ftctl status --json`` prints), asked over the control socket
         in-process: polling loops over several hosts and VMs would otherwise start an ftctl
-        (a Python start, about a second on a loaded 2-core host) per question and measure
+        (a Python start: ~3 s of wall time on the loaded 2-core lab) per question and measure
         that instead of ftd. Raises LabError when ftd cannot be asked or refuses."""
         try:
             st = ControlClient(str(self.socket), timeout=timeout).call("status")
