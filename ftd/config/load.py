@@ -480,18 +480,16 @@ def _checkpoint_rules(cp: Any, path: str, out: _Issues) -> None:
         )
     if not _ok(cp.policy):
         return
-    for key, owner in (("dirty_pages", "dirty-threshold"), ("pause_budget_ms", "pause-budget")):
+    for key, owner, required in (
+        ("dirty_pages", "dirty-threshold", True),
+        ("pause_budget_ms", "pause-budget", True),
+        ("link_bandwidth_mbps", "pause-budget", False),
+    ):
         value = getattr(cp, key)
-        if cp.policy == owner and value is None:
+        if cp.policy == owner and value is None and required:
             out.add(_at(path, key), f"required when policy is {owner!r}")
         elif cp.policy != owner and value is not None and _ok(value):
             out.add(_at(path, key), f"only used with policy {owner!r} (policy is {cp.policy!r})")
-    link = cp.link_bandwidth_mbps
-    if cp.policy != "pause-budget" and link is not None and _ok(link):
-        out.add(
-            _at(path, "link_bandwidth_mbps"),
-            f"only used with policy 'pause-budget' (policy is {cp.policy!r})",
-        )
 
 
 def _vm_rules(vm: Any, path: str, out: _Issues) -> None:
