@@ -158,9 +158,12 @@ class Campaign:
     async def all_protected(
         self, bound: float = PROTECT_BOUND_S, since: float | None = None
     ) -> dict[str, tuple[str, str]]:
-        """Every VM protected (one shared bound), with a checkpoint after ``since`` when given;
-        its (primary, secondary). Raises LabError."""
+        """Every VM protected (one shared bound), with a checkpoint after ``since`` (default:
+        this call's start); its (primary, secondary). Raises LabError."""
         deadline = time.monotonic() + bound
+        # One reference for all VMs: each VM's own call start would make them wait for their
+        # next checkpoints one after another.
+        since = time.time() if since is None else since
         out = {}
         for vm in self.vms:
             out[vm] = await self.protected(vm, max(1.0, deadline - time.monotonic()), since)
