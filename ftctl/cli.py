@@ -383,7 +383,8 @@ def policy_line(vm: dict[str, Any]) -> str:
 
     parts = [
         f"{vm['name']}: policy {text} ({vm.get('policy_origin', 'config')})",
-        f"dirty rate {'-' if rate is None else f'{rate:g} MiB/s'}",
+        f"dirty rate {'-' if rate is None else f'{rate:g} MiB/s'}"
+        + (" (sampler blind: estimating from exact counts)" if pol.get("sampler_blind") else ""),
         f"pause last/avg/p99 {ms(cp.get('last_pause_ms'))}/{ms(cp.get('avg_pause_ms'))}/"
         f"{ms(cp.get('p99_pause_ms'))}",
         f"{cp.get('per_min', 0)} checkpoints/min",

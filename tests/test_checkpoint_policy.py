@@ -264,6 +264,61 @@ def test_estimator_tail_checkpoints_after_a_burst_do_not_blind_it() -> None:
     assert decide(burst2 + 0.3125)[0]
 
 
+def test_estimator_falls_back_on_exact_counts_when_the_sampler_is_blind() -> None:
+    """Page sampling hashes pages: a guest rewriting pages with the bytes they held looks idle
+    to it (the lab guest with one data source: 0-2 MiB/s sampled while it wrote 6 MiB/s).  The
+    exact counts must then carry the estimate, and give way once the samples see writes."""
+    est = DirtyEstimator(ram_pages=RAM_2G, started_at=0.0, smoothing=0.3)
+    # Runs of 1 s, each with a fresh sample of 0 MiB/s, each checkpoint finding 1536 pages.
+    t = 0.0
+    for _ in range(2):
+        est.sample(DirtySample(t + 0.5, 0.0))
+        t += 1.0
+        assert est.observe(CheckpointObserved(t, 0.0, 1536))
+    assert est.sampler_blind
+    assert est.correction == 1.0  # nothing to learn from a sampled zero
+    # The estimate follows the last run's exact rate: 1536 pages/s.
+    est.sample(DirtySample(t + 0.2, 0.0))
+    assert est.estimate(t + 0.5) == pytest.approx(768.0)
+    assert est.snapshot(t + 0.5).pages_per_s == pytest.approx(1536.0)
+    # The floor is renewed by every checkpoint while blind: the guest slowed to 512 pages/s.
+    t += 1.0
+    assert est.observe(CheckpointObserved(t, 0.0, 512))
+    assert est.sampler_blind
+    assert est.estimate(t + 1.0) == pytest.approx(512.0)
+    # Samples that see the writes again (4 MiB/s = 1024 pages/s over a run) end the fallback.
+    est.sample(DirtySample(t + 0.1, 4.0))
+    t += 1.0
+    assert est.observe(CheckpointObserved(t, 0.0, 1024))
+    assert not est.sampler_blind
+    # The samples covered 0.9 s of the run (921.6 pages for 1024 found): that run teaches.
+    assert est.correction == pytest.approx((1024 / 921.6) ** 0.3)
+    assert est.estimate(t + 1.0) == pytest.approx(1024.0 * est.correction)
+    # A quiet guest is not a blind sampler: a sampled zero and few pages found.
+    quiet = DirtyEstimator(ram_pages=RAM_2G, started_at=0.0)
+    quiet.sample(DirtySample(0.5, 0.0))
+    assert quiet.observe(CheckpointObserved(1.0, 0.0, 100))
+    assert not quiet.sampler_blind
+    assert quiet.estimate(2.0) == 0.0
+
+
+def test_blind_sampler_still_lets_the_policy_keep_its_budget() -> None:
+    """With the sampler blind, pause-budget fires near the budget, not at the max interval."""
+    est = DirtyEstimator(ram_pages=RAM_2G, started_at=0.0)
+    policy = PauseBudget(150.0, safety_margin=0.0, min_interval_ms=100, max_interval_ms=10_000)
+    pause = PauseModel(prior_base_ms=50.0, prior_ms_per_page=0.05).snapshot()
+    t = 0.0
+    for _ in range(2):
+        est.sample(DirtySample(t + 0.5, 0.0))
+        t += 1.0
+        assert est.observe(CheckpointObserved(t, 0.0, 1536))
+    est.sample(DirtySample(t + 0.3, 0.0))
+    # 2000 pages fit the budget (50 + 0.05 x 2000 = 150 ms): at 1536 pages/s, 1.30 s.
+    decision = policy.decide(PolicyState.capture(est.snapshot(t + 0.3), pause), t + 0.3)
+    assert not decision.checkpoint_now
+    assert decision.next_check_in_ms == pytest.approx(1302.1 - 300.0, abs=1.0)
+
+
 # --- pause model ------------------------------------------------------------------------------
 
 

@@ -216,8 +216,16 @@ class CheckpointDriver:
         seen = CheckpointObserved(
             at=cp.start, pause_ms=(cp.pause_s or 0.0) * 1000.0, dirty_pages=pages
         )
+        blind = self.dirty.sampler_blind
         if not self.dirty.observe(seen):
             return
+        if self.dirty.sampler_blind != blind:
+            self.log.info(
+                "dirty-rate sampler blind: the estimate rests on the exact counts"
+                if not blind
+                else "dirty-rate sampler sees the guest's writes again",
+                dirty_pages=pages,
+            )
         if cp.pause_s is not None and cp.dirty_pages is not None:
             self.pauses.observe(seen)
         if self.requested_at is not None and cp.start >= self.requested_at - _REQUEST_MATCH_SLACK_S:
@@ -339,6 +347,10 @@ class CheckpointDriver:
             "dirty_rate_mbps": _r(self.dirty_rate_mbps),
             "dirty_rate_age_s": None if self.sampled_at is None else _r(now - self.sampled_at),
             "dirty_pages_estimate": round(snap.dirty_pages),
+            # Page sampling misses writes that leave a page's bytes as they were: the estimate
+            # then follows the exact per-checkpoint counts (ftd.checkpoint.model).
+            "sampler_blind": self.dirty.sampler_blind,
+            "estimate_correction": _r(snap.correction, 3),
             "predicted_pause_ms": _r(self.pauses.predict(snap.dirty_pages)),
             "pause_model": {
                 "base_ms": _r(self.pauses.snapshot().base_ms, 2),

@@ -248,6 +248,14 @@ class DirtyEstimator:
     says nothing more precise then, and a count at guest RAM, matching an estimate at RAM,
     only bounds the rate from below.
 
+    Page sampling compares hashes of sampled pages, so it cannot see a page rewritten with the
+    bytes it already held (a guest copying the same buffer over and over), and reports whole
+    MiB/s.  A run with a fresh sample whose sampled pages stayed below what the correction can
+    learn from while the exact count found at least :attr:`_BLIND_PAGES` says the sampler is
+    blind to this guest; no correction factor can scale a rate of zero.  Then the exact count
+    over the run time becomes a floor under the estimate (``floor x run time``), renewed at
+    every checkpoint, until a fresh run's samples see enough pages to learn from again.
+
     Raises:
         ValueError: ``ram_pages`` < 1, ``smoothing`` outside (0, 1], a non-finite start time.
     """
@@ -257,6 +265,9 @@ class DirtyEstimator:
     _MIN_PAGES_FOR_CORRECTION = 64.0
     # An exact count this close to the estimate confirms the held rate (whole pages).
     _CONFIRMING_PAGES = 1.0
+    # A fresh run found at least this many pages where the samples saw too few to learn from:
+    # the sampler is blind to the guest's writes (1 MiB, four times the learning minimum).
+    _BLIND_PAGES = 4 * _MIN_PAGES_FOR_CORRECTION
 
     def __init__(self, ram_pages: int, started_at: float, *, smoothing: float = 0.3) -> None:
         if ram_pages < 1:
@@ -279,10 +290,18 @@ class DirtyEstimator:
         self._last_checkpoint_at = started_at
         self._last_resumed_at = started_at
         self._observed_any = False
+        # Pages/s the estimate never falls under while the sampler is blind (0: it is not).
+        self._floor = 0.0
 
     @property
     def correction(self) -> float:
         return math.exp(self._log_correction)
+
+    @property
+    def sampler_blind(self) -> bool:
+        """Whether the estimate rests on the exact counts because the samples miss the
+        guest's writes (see the class docstring)."""
+        return self._floor > 0.0
 
     @property
     def last_checkpoint_at(self) -> float:
@@ -333,6 +352,8 @@ class DirtyEstimator:
             return False
         run_s = checkpoint.at - self._last_resumed_at
         fresh = self._run_sampled_at is not None and self._run_sampled_at <= checkpoint.at
+        # True: the samples of this run missed the guest's writes; False: they saw them.
+        blind: bool | None = None
         if fresh:
             # RAM bounds the distinct pages a checkpoint can find dirty.
             raw = min(float(self._ram), self._raw_at(checkpoint.at))
@@ -340,6 +361,9 @@ class DirtyEstimator:
                 ratio = max(1.0 / self._RATIO_LIMIT, checkpoint.dirty_pages / raw)
                 ratio = min(self._RATIO_LIMIT, ratio)
                 self._log_correction += self._alpha * (math.log(ratio) - self._log_correction)
+                blind = False
+            elif checkpoint.dirty_pages >= self._BLIND_PAGES:
+                blind = True
         elif self._rate_at <= self._last_resumed_at and run_s > 0:
             # A sample stamped after the checkpoint (its trace line read late) is newer than
             # this count and stays; only a rate from before the run gives way.
@@ -349,6 +373,10 @@ class DirtyEstimator:
                 self._rate = observed
                 self._rate_known = True
             self._rate_at = checkpoint.at
+        if blind is False:
+            self._floor = 0.0
+        elif (blind or self._floor > 0.0) and run_s > 0:
+            self._floor = checkpoint.dirty_pages / run_s
         self._last_checkpoint_at = checkpoint.at
         self._last_resumed_at = checkpoint.resumed_at
         self._raw = 0.0
@@ -360,15 +388,17 @@ class DirtyEstimator:
         return True
 
     def estimate(self, now: float) -> float:
-        """Corrected pages dirtied since the guest last resumed, as of ``now``."""
-        return min(float(self._ram), self._raw_at(now) * self.correction)
+        """Corrected pages dirtied since the guest last resumed, as of ``now``; while the
+        sampler is blind, at least the floor rate times the run time."""
+        floor = self._floor * max(0.0, now - self._last_resumed_at)
+        return min(float(self._ram), max(self._raw_at(now) * self.correction, floor))
 
     def snapshot(self, now: float) -> DirtySnapshot:
         """The estimate at ``now`` with what a policy needs to extrapolate it."""
         return DirtySnapshot(
             at=now,
             dirty_pages=self.estimate(now),
-            pages_per_s=self._rate * self.correction,
+            pages_per_s=max(self._rate * self.correction, self._floor),
             ram_pages=self._ram,
             correction=self.correction,
             last_checkpoint_at=self._last_checkpoint_at,
