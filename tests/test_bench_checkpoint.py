@@ -12,13 +12,63 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.real
+from bench.checkpoint_policy import goal_verdict, pause_ratio
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("fixed", "pause-budget", "dirty-threshold")
 KEYS = ("total_pause_ms", "pause_p50_ms", "pause_p99_ms", "checkpoints", "work_done", "bytes_sent")
 
 
+def _run(total: float, p99: float, work: int, budget: float = 300.0) -> dict[str, object]:
+    return {
+        "params": {"policy": "fixed", "interval_ms": 1500},
+        "total_pause_ms": total,
+        "pause_p99_ms": p99,
+        "checkpoints": 10,
+        "work_done": work,
+        "meets_budget": p99 <= budget,
+    }
+
+
+def test_ratio_only_against_compliant_runs() -> None:
+    res = {"fixed": _run(1000, 290, 100), "pause-budget": _run(600, 280, 100)}
+    res["dirty-threshold"] = _run(500, 310, 100)  # less pause, but over the budget
+    ratio, note = pause_ratio(res)
+    assert ratio == 0.6 and note.startswith("pause-budget 600"), note
+    res["fixed"] = _run(1000, 320, 100)
+    assert pause_ratio(res) == (
+        None,
+        "no fixed interval tried met the budget (shortest: p99 320 ms)",
+    )
+    res["fixed"] = _run(1000, 290, 100)
+    res["pause-budget"] = _run(600, 301, 100)
+    assert pause_ratio(res) == (None, "no adaptive policy met the budget")
+
+
+def test_goal_verdict() -> None:
+    out: dict[str, object] = {
+        "bursty": {
+            "fixed": _run(1000, 290, 100),
+            "pause-budget": _run(800, 280, 140),
+            "dirty-threshold": _run(900, 280, 100),
+        },
+        "best_adaptive_vs_fixed_pause_ratio": {"bursty": 0.8, "steady": 1.04},
+        "ratio_notes": {"bursty": "", "steady": ""},
+    }
+    # 20% less pause misses, but 40% more guest work meets the bursty goal.
+    met, reasons = goal_verdict(out, ("steady", "bursty"))
+    assert met is True, reasons
+    out["bursty"]["pause-budget"]["work_done"] = 120  # type: ignore[index]
+    met, reasons = goal_verdict(out, ("steady", "bursty"))
+    assert met is False and "bursty: pause ratio 0.8 misses" in reasons[0], reasons
+    out["best_adaptive_vs_fixed_pause_ratio"] = {"bursty": 0.6, "steady": None}
+    out["ratio_notes"] = {"bursty": "", "steady": "no adaptive policy met the budget"}
+    met, reasons = goal_verdict(out, ("steady", "bursty"))
+    assert met is None
+    assert reasons[1] == "steady: not measurable: no adaptive policy met the budget", reasons
+
+
+@pytest.mark.real
 @pytest.mark.timeout(900)
 def test_quick_benchmark_reports_every_policy_per_workload() -> None:
     r = subprocess.run(
@@ -48,3 +98,12 @@ def test_quick_benchmark_reports_every_policy_per_workload() -> None:
     ratio = out["best_adaptive_vs_fixed_pause_ratio"]
     assert set(ratio) == {"steady", "bursty", "max"}, ratio
     assert all(v is None or v > 0 for v in ratio.values()), ratio
+    # A ratio is given only against a compliant baseline, and a null one says why.
+    for workload in ("steady", "bursty"):
+        note = out["ratio_notes"][workload]
+        if ratio[workload] is None:
+            assert "met the budget" in note, note
+        else:
+            assert out[workload]["fixed"]["meets_budget"], out[workload]["fixed"]
+            assert "vs fixed" in note, note
+    assert out["goal"]["met"] in (True, False, None) and out["goal"]["reasons"], out["goal"]

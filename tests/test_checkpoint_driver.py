@@ -167,3 +167,11 @@ def test_config_link_speed_reaches_the_pause_budget_policy() -> None:
     assert isinstance(policy, PauseBudget) and policy.link_bandwidth_mbps == 1000
     # 4096 pages (16 MiB) take 134 ms at 1 Gbit/s.
     assert policy.transfer_ms(4096) == pytest.approx(134.2, abs=0.1)
+    assert policy.safety_margin == 0.2  # the default when the config leaves it unset
+
+
+def test_config_safety_margin_reaches_the_pause_budget_policy() -> None:
+    cfg = CheckpointConfig(policy="pause-budget", pause_budget_ms=200, safety_margin_pct=5)
+    policy = make_policy(config_params(cfg))
+    assert isinstance(policy, PauseBudget)
+    assert policy.safety_margin == 0.05 and policy.target_ms == pytest.approx(190.0)

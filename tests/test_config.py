@@ -414,6 +414,21 @@ BROKEN: list[tuple[str, list[tuple[str, object]], dict[str, str]]] = [
         {"vms[1].checkpoint.link_bandwidth_mbps": ">= 1"},
     ),
     (
+        "safety margin without policy pause-budget",
+        [("vms[0].checkpoint", {"safety_margin_pct": 10})],
+        {"vms[0].checkpoint.safety_margin_pct": "only used with policy 'pause-budget'"},
+    ),
+    (
+        "safety margin of the whole budget",
+        [
+            (
+                "vms[1].checkpoint",
+                {"policy": "pause-budget", "pause_budget_ms": 100, "safety_margin_pct": 100},
+            )
+        ],
+        {"vms[1].checkpoint.safety_margin_pct": "<= 90"},
+    ),
+    (
         "unknown group member",
         [("groups[0].members[1]", "v9")],
         {"groups[0].members[1]": "unknown VM 'v9'"},

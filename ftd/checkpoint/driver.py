@@ -90,6 +90,9 @@ def config_params(cfg: CheckpointConfig) -> dict[str, object]:
         value = getattr(cfg, key, None)
         if value is not None:
             params[key] = value
+    # The config says it in whole percent (its schema has integers), the policy as a fraction.
+    if cfg.policy == "pause-budget" and cfg.safety_margin_pct is not None:
+        params["safety_margin"] = cfg.safety_margin_pct / 100.0
     return params
 
 

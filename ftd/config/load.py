@@ -484,6 +484,7 @@ def _checkpoint_rules(cp: Any, path: str, out: _Issues) -> None:
         ("dirty_pages", "dirty-threshold", True),
         ("pause_budget_ms", "pause-budget", True),
         ("link_bandwidth_mbps", "pause-budget", False),
+        ("safety_margin_pct", "pause-budget", False),
     ):
         value = getattr(cp, key)
         if cp.policy == owner and value is None and required:

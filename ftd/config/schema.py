@@ -563,6 +563,17 @@ class Checkpoint:
             hi=1000000,
         ),
     )
+    safety_margin_pct: int | None = field(
+        default=None,
+        metadata=doc(
+            "share of pause_budget_ms kept spare, in percent: policy pause-budget fires when "
+            "the predicted pause reaches budget x (100 - pct) / 100, room for the pages the "
+            "guest dirties while deciding and for a prediction that runs low (unset: 20); "
+            "only for pause-budget",
+            lo=0,
+            hi=90,
+        ),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
