@@ -264,6 +264,42 @@ def test_estimator_tail_checkpoints_after_a_burst_do_not_blind_it() -> None:
     assert decide(burst2 + 0.3125)[0]
 
 
+def test_estimator_counts_a_sample_window_at_its_measured_rate() -> None:
+    """A windowed sample recounts its window (this run's part, since the rate last changed) at
+    the rate it measured, in place of the held rate."""
+    est = DirtyEstimator(ram_pages=RAM_2G, started_at=0.0)
+    est.sample(DirtySample(1.0, 0.0, 0.5))
+    # 16 MiB/s (4096 pages/s) measured over [1.5, 2.0]: 2048 pages, though 0 was held then.
+    est.sample(DirtySample(2.0, 16.0, 0.5))
+    assert est.estimate(2.0) == pytest.approx(2048.0)
+    # The window reaches back before the guest resumed: only the run's part is recounted.
+    assert est.observe(CheckpointObserved(2.5, 100.0, 4096))
+    est.sample(DirtySample(3.0, 8.0, 0.5))  # window [2.5, 3.0], the guest ran from 2.6
+    assert est.estimate(3.0) == pytest.approx(0.4 * 2048)
+    # From then on its rate is held (the 16 MiB/s window ended a second ago: too old to
+    # count in the mean).
+    assert est.estimate(3.5) == pytest.approx(0.4 * 2048 + 0.5 * 2048)
+
+
+def test_estimator_follows_a_guest_writing_in_batches_shorter_than_its_windows() -> None:
+    """The lab guest writes 16 MiB in a fraction of a second, once a second: back-to-back 0.5 s
+    windows alternate between seeing a batch and seeing nothing.  Holding the newest sample
+    left the estimate flat for every quiet window (a 300 ms budget overshot to 400 ms)."""
+    est = DirtyEstimator(ram_pages=RAM_2G, started_at=0.0)
+    held_flat = 0
+    t, truth = 0.0, 0.0
+    for i in range(1, 13):
+        rate = 32.0 if i % 2 else 0.0  # 32 MiB/s for one window in two: 16 MiB/s on average
+        t += 0.5
+        truth += rate * PAGES_PER_MIB * 0.5
+        est.sample(DirtySample(t, rate, 0.5))
+        assert est.estimate(t) == pytest.approx(truth)  # each window counted as measured
+        held_flat += est.estimate(t + 0.3) <= est.estimate(t)
+    # Between samples the estimate keeps growing at the recent mean, never held at zero.
+    assert held_flat == 0
+    assert est.snapshot(t).pages_per_s == pytest.approx(16.0 * PAGES_PER_MIB)
+
+
 def test_estimator_falls_back_on_exact_counts_when_the_sampler_is_blind() -> None:
     """Page sampling hashes pages: a guest rewriting pages with the bytes they held looks idle
     to it (the lab guest with one data source: 0-2 MiB/s sampled while it wrote 6 MiB/s).  The

@@ -255,7 +255,7 @@ class CheckpointDriver:
             else:
                 self.dirty_rate_mbps = rate
                 self.sampled_at = self.clock()
-                self.dirty.sample(DirtySample(self.sampled_at, rate))
+                self.dirty.sample(DirtySample(self.sampled_at, rate, self.calc_time_ms / 1000.0))
                 self._wake.set()
             await asyncio.sleep(self.sample_period_s())
 

@@ -25,6 +25,7 @@ Two models, both fed by the daemon and read through immutable snapshots:
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 PAGE_SIZE = 4096
@@ -40,18 +41,21 @@ def _check_finite(name: str, value: float, *, minimum: float = 0.0) -> None:
 class DirtySample:
     """One dirty-rate measurement: ``calc-dirty-rate`` then ``query-dirty-rate``.
 
-    ``at`` is when the daemon got the result (s); ``dirty_rate_mbps`` is MiB/s.
+    ``at`` is when the daemon got the result (s); ``dirty_rate_mbps`` is MiB/s; ``window_s``
+    how long the measurement ran before ``at`` (0: a rate at one instant).
 
     Raises:
-        ValueError: a non-finite time or a negative or non-finite rate.
+        ValueError: a non-finite time, a negative or non-finite rate or window.
     """
 
     at: float
     dirty_rate_mbps: float
+    window_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_finite("DirtySample.at", self.at, minimum=-math.inf)
         _check_finite("DirtySample.dirty_rate_mbps", self.dirty_rate_mbps)
+        _check_finite("DirtySample.window_s", self.window_s)
 
     @property
     def pages_per_s(self) -> float:
@@ -244,6 +248,14 @@ class DirtyEstimator:
       correction learnt on sampled rates is the same kind of ratio, and an estimate low for a
       while is corrected by the next sample.
 
+    Each sample measured a window (``window_s`` before it arrived): the pages of that window
+    are counted at the measured rate, replacing what the held rate had put there, so the count
+    follows a guest whose writes come in batches shorter than the windows (a window between
+    two batches says zero, the next one the batch).  From then on the held rate is the larger
+    of the newest sample and the mean of the windowed samples of the last :attr:`_HOLD_S`: one
+    quiet window inside a burst does not stop the estimate growing (a sample with no window,
+    a rate at one instant, is held as it is).
+
     A held rate that the exact count confirms to within a page is kept: a count in whole pages
     says nothing more precise then, and a count at guest RAM, matching an estimate at RAM,
     only bounds the rate from below.
@@ -265,6 +277,9 @@ class DirtyEstimator:
     _MIN_PAGES_FOR_CORRECTION = 64.0
     # An exact count this close to the estimate confirms the held rate (whole pages).
     _CONFIRMING_PAGES = 1.0
+    # Samples this recent (s) set the held rate with the newest one: two of the driver's
+    # 0.5 s windows, about one period of a guest that writes in once-a-second batches.
+    _HOLD_S = 1.0
     # A fresh run found at least this many pages where the samples saw too few to learn from:
     # the sampler is blind to the guest's writes (1 MiB, four times the learning minimum).
     _BLIND_PAGES = 4 * _MIN_PAGES_FOR_CORRECTION
@@ -292,6 +307,8 @@ class DirtyEstimator:
         self._observed_any = False
         # Pages/s the estimate never falls under while the sampler is blind (0: it is not).
         self._floor = 0.0
+        # (at, pages/s) of the samples of the last _HOLD_S.
+        self._recent: deque[tuple[float, float]] = deque()
 
     @property
     def correction(self) -> float:
@@ -324,13 +341,29 @@ class DirtyEstimator:
         return self._raw + self._rate * max(0.0, now - self._acc_at)
 
     def sample(self, sample: DirtySample) -> None:
-        """Take a new rate: pages up to ``sample.at`` count at the old rate, later ones at this.
+        """Take a new rate: the pages of the sample's window count at the rate it measured,
+        later ones at the held rate (see the class docstring).
 
         A sample timed before the guest last resumed only sets the rate from then on; one timed
         after makes the run fresh, so that its checkpoint may update the correction.
         """
         self._advance(sample.at)
-        self._rate = sample.pages_per_s
+        measured = sample.pages_per_s
+        # The part of the window this run counted at the old held rate since the rate last
+        # changed: recount it at the measured rate (a window that saw a burst, or saw it end).
+        lo = max(sample.at - sample.window_s, self._last_resumed_at, self._rate_at)
+        if sample.at > lo:
+            self._raw = max(0.0, self._raw + (measured - self._rate) * (sample.at - lo))
+        if sample.window_s > 0:
+            self._recent.append((sample.at, measured))
+            while self._recent and self._recent[0][0] <= sample.at - self._HOLD_S:
+                self._recent.popleft()
+            mean = sum(r for _, r in self._recent) / len(self._recent)
+            self._rate = max(measured, mean)
+        else:
+            # A rate at one instant is taken as it is (the simulator's, the tests').
+            self._recent.clear()
+            self._rate = measured
         self._rate_known = True
         self._rate_at = sample.at
         if sample.at > self._last_resumed_at and (
