@@ -72,10 +72,15 @@ WORKLOADS = {
     "bursty-rewrite": "bursty:16:3:5",
 }
 DEFAULT_WORKLOADS = ("steady", "bursty")
-BUDGET_MS = 150.0
+#: The pause budget every policy is held to.  A budget some fixed interval can meet on this
+#: machine: under TCG a checkpoint costs ~50-90 ms before any page, and the workloads write in
+#: once-a-second batches (16 MiB on bursty: ~134 ms at 1 Gbit/s on their own), so the shortest
+#: fixed interval tried (500 ms) still has a p99 of ~170 ms (steady) and ~245 ms (bursty); at
+#: 150 ms no policy had a compliant run to compare with.
+BUDGET_MS = 300.0
 MIN_INTERVAL_MS = 300
 MAX_INTERVAL_MS = 10_000
-FIXED_INTERVALS_MS = (8000, 4000, 2000, 1500, 1000, 750, 500)
+FIXED_INTERVALS_MS = (8000, 6000, 4000, 3000, 2000, 1500, 1000, 750, 500)
 QUICK_FIXED_INTERVALS_MS = (3000, 1000)
 #: Seconds after a policy switch before measuring: the switch itself starts a checkpoint.
 SETTLE_S = 2.0
