@@ -14,6 +14,10 @@ primary's copy. For each fraction (1 %, 10 %, 50 %):
   (digest, bitmap, backup rounds, last round paused);
 - full: the secondary's disk put back to the old image, then the full mirror.
 
+The incremental copy runs at every fraction, also where it loses: ftd itself copies the whole
+disk when more than ``resync.INCREMENTAL_MAX_FRACTION`` (30 %) of the chunks differ, a bound
+this bench's crossing lines gave.
+
 Figures: wall seconds from the start of the resync (the secondary's digest included for the
 incremental one) to both disks identical with the primary paused, and the bytes the copy sent
 (QEMU's job lengths; a full mirror sends the whole disk). After each copy the two disk files

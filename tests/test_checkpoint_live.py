@@ -109,10 +109,8 @@ def test_pause_budget_checkpoints_on_demand_during_bursts(cluster: LabCluster) -
     # give neither).
     runs = [c for c in clusters if len(c) >= 2]
     # A run may also trail a burst by a second or two: the dirty rate sampled during the burst
-    # (calc-dirty-rate, a window late) is held until the next sample, and the few pages those
-    # trailing checkpoints find teach the estimator a low correction, so the next burst may go
-    # unnoticed until the maximum interval (seen about one run in five: a known weakness of the
-    # estimator, see issue 8).  At least one run must hold a burst's pages.
+    # (calc-dirty-rate, a window late) is held for about a second after it.  At least one run
+    # must hold a burst's pages.
     burst_runs = [c for c in runs if max(cp.dirty_pages or 0 for cp in c) >= BURST_PAGES]
     assert burst_runs, shape
     assert sum(g >= IDLE_GAP_S for g in gaps) >= 2, shape

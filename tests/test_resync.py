@@ -96,6 +96,15 @@ def test_bad_digests_are_refused_by_name() -> None:
         resync.Digest.decode(good.size, 1000, parts)
 
 
+def test_too_much_changed_names_the_shares() -> None:
+    assert resync.too_much_changed(300, 1000, 0.3) is None
+    assert resync.too_much_changed(301, 1000, 0.3) == (
+        "301 of 1000 chunks differ (30%, above 30%): a full copy is faster"
+    )
+    assert resync.too_much_changed(1000, 1000, None) is None
+    assert resync.too_much_changed(0, 0, 0.3) is None
+
+
 def test_incremental_problem_names_the_reason() -> None:
     size = 32 << 20
     theirs = resync.Digest(size, KIB64, bytes(512 * 8))
@@ -158,6 +167,22 @@ async def test_incremental_resync_copies_what_changed(
         assert new_sec.qmp is not None and new_pri.qmp is not None
         await colo.prepare_secondary(new_sec.qmp, new_sec.spec)
         theirs = resync.disk_digest(new_sec.spec.disk_path)
+        # Asked to give up above 0.5 % changed (13 of 1024 chunks differ): it does so before
+        # copying anything, the guest running, no bitmap or node left.
+        with pytest.raises(resync.FullCopyFasterError, match=r"1\d of 1024 chunks differ \(1%"):
+            await resync.copy_changed(
+                new_pri.qmp,
+                disk_path=new_pri.spec.disk_path,
+                peer=new_pri.spec.peer_address,
+                nbd_port=new_pri.spec.nbd_port,
+                theirs=theirs,
+                max_changed_fraction=0.005,
+            )
+        assert (await new_pri.qmp.execute("query-status"))["status"] == "running"
+        devices = await new_pri.qmp.execute("query-block")
+        assert not any(d.get("inserted", {}).get("dirty-bitmaps") for d in devices), devices
+        nodes = await new_pri.qmp.execute("query-named-block-nodes")
+        assert resync.TARGET_NODE not in {n["node-name"] for n in nodes}
         seen: list[tuple[int, int]] = []
         # The takeover committed the survivor's COLO overlays: none is left in its graph.
         files = {n.get("file") for n in await new_pri.qmp.execute("query-named-block-nodes")}

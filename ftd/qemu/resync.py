@@ -52,6 +52,11 @@ DIGEST_BYTES = 8
 #: the paused round starts at once.
 MAX_LIVE_ROUNDS = 5
 FINAL_ROUND_BYTES = 4 * 1024 * 1024
+#: Above this share of chunks changed, ftd copies the whole disk instead: the incremental copy
+#: reads both disks and sends its chunks in rounds, the full mirror streams at once.  Measured
+#: with ``python -m bench.resync`` (256 MiB, 1 Gbit/s): incremental 1.46 s at 10 % against
+#: 2.44 s full, 3.18 s at 50 % against 2.45 s; the lines cross near a third.
+INCREMENTAL_MAX_FRACTION = 0.30
 _READ = 4 * 1024 * 1024
 
 
@@ -116,6 +121,20 @@ def disk_digest(path: Path, chunk: int | None = None) -> Digest:
 def changed_chunks(mine: Digest, theirs: Digest) -> list[int]:
     """Indexes of the chunks whose hashes differ (both digests must be comparable)."""
     return [i for i in range(mine.chunks) if mine.sum(i) != theirs.sum(i)]
+
+
+class FullCopyFasterError(QemuError):
+    """So much of the disk differs that a full copy is the faster resync."""
+
+
+def too_much_changed(changed: int, chunks: int, max_fraction: float | None) -> str | None:
+    """Why a full copy beats copying ``changed`` of ``chunks`` chunks (None: it does not)."""
+    if max_fraction is None or chunks <= 0 or changed <= max_fraction * chunks:
+        return None
+    return (
+        f"{changed} of {chunks} chunks differ ({changed / chunks:.0%}, above "
+        f"{max_fraction:.0%}): a full copy is faster"
+    )
 
 
 def runs(chunks: Sequence[int]) -> list[tuple[int, int]]:
@@ -274,6 +293,7 @@ async def copy_changed(
     theirs: Digest,
     timeout_s: float = 600.0,
     progress: Progress | None = None,
+    max_changed_fraction: float | None = None,
 ) -> ResyncResult:
     """Copy to the secondary's NBD export the chunks where its disk (``theirs``) differs from
     this running primary's, then pause the guest for a last round.
@@ -281,6 +301,8 @@ async def copy_changed(
     On return the primary is paused and both disks are identical (:func:`ftd.qemu.colo.
     start_colo` resumes it); the bitmap and the NBD client node are gone. ``overlays``: this
     host's COLO overlays, which must be committed first (:func:`wait_overlays_committed`).
+    With ``max_changed_fraction``, more chunks changed than that raises FullCopyFasterError
+    before anything is copied, the guest running and nothing left behind.
     Raises QemuError (overlays not committed, digest read failed, job failed or too slow) or
     QmpError; the caller resumes the guest.
     """
@@ -297,6 +319,9 @@ async def copy_changed(
         if mine.size != theirs.size:
             raise QemuError(f"{pri.name}: disk is {mine.size} bytes, the secondary's {theirs.size}")
         changed = changed_chunks(mine, theirs)
+        why_full = too_much_changed(len(changed), mine.chunks, max_changed_fraction)
+        if why_full is not None:
+            raise FullCopyFasterError(why_full)
         if changed:
             await _mark(pri, mine.size, mine.chunk, changed)
         await pri.execute(

@@ -550,7 +550,10 @@ class VmRunner:
                     nbd_port=self.spec.nbd_port,
                     theirs=theirs,
                     progress=lambda done, total: self.queue.put_nowait(ResyncProgress(done, total)),
+                    max_changed_fraction=resync.INCREMENTAL_MAX_FRACTION,
                 )
+            except resync.FullCopyFasterError as err:
+                why_full = str(err)
             except QemuError as err:
                 # The copy failed, not the monitor (QmpError goes up): the full copy needs
                 # nothing of it, and the guest must not wait paused meanwhile.
