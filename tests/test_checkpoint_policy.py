@@ -300,6 +300,40 @@ def test_estimator_follows_a_guest_writing_in_batches_shorter_than_its_windows()
     assert est.snapshot(t).pages_per_s == pytest.approx(16.0 * PAGES_PER_MIB)
 
 
+def test_estimator_unseen_pages_is_the_largest_recent_window() -> None:
+    est = DirtyEstimator(ram_pages=RAM_2G, started_at=0.0)
+    assert est.snapshot(0.0).unseen_pages == 0.0
+    est.sample(DirtySample(1.0, 32.0, 0.5))  # a window holding a 16 MiB batch: 4096 pages
+    est.sample(DirtySample(1.6, 0.0, 0.5))
+    est.sample(DirtySample(2.2, 8.0, 0.5))
+    assert est.snapshot(2.2).unseen_pages == pytest.approx(4096.0)
+    # Forgotten 4 s after its window: a burst does not weigh on a whole idle spell.
+    assert est.snapshot(4.9).unseen_pages == pytest.approx(4096.0)
+    assert est.snapshot(5.1).unseen_pages == pytest.approx(1024.0)
+    # Rates at one instant (no window) say nothing about a window's worth.
+    est.sample(DirtySample(5.4, 8.0))
+    assert est.snapshot(5.4).unseen_pages == 0.0
+
+
+def test_pause_budget_leaves_room_for_a_batch_not_yet_sampled() -> None:
+    """A guest writing 16 MiB batches: the estimate 4000 pages predicts 120 ms, under the
+    160 ms target, but a batch (4096 pages) landing before the next sample reports it would
+    take the pause to 222.4 ms, over the 200 ms budget: fire now."""
+    policy = PauseBudget(200.0, min_interval_ms=100, max_interval_ms=10_000)
+    quiet = state(last=0.0, pages=4000.0, rate=0.0, at=1.0, base=20.0, per_page=0.025)
+    assert not policy.decide(quiet, 1.0).checkpoint_now
+    batchy = PolicyState(**{**quiet.__dict__, "unseen_pages": 4096.0})
+    d = policy.decide(batchy, 1.0)
+    assert d.checkpoint_now, d
+    assert "plus 4096 pages not yet sampled" in d.reason and "budget 200 ms" in d.reason
+    # Room for it: due when the estimate reaches 7200 - 4096 pages (the budget's pages less
+    # the batch), at 1000 pages/s from 1000: 2.104 s, before the target's 4.6 s.
+    early = PolicyState(**{**batchy.__dict__, "dirty_pages": 1000.0, "dirty_pages_per_s": 1000.0})
+    d = policy.decide(early, 1.0)
+    assert not d.checkpoint_now
+    assert d.next_check_in_ms == pytest.approx(2104.0, abs=1.0)
+
+
 def test_estimator_falls_back_on_exact_counts_when_the_sampler_is_blind() -> None:
     """Page sampling hashes pages: a guest rewriting pages with the bytes they held looks idle
     to it (the lab guest with one data source: 0-2 MiB/s sampled while it wrote 6 MiB/s).  The

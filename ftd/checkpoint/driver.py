@@ -353,6 +353,7 @@ class CheckpointDriver:
             # Page sampling misses writes that leave a page's bytes as they were: the estimate
             # then follows the exact per-checkpoint counts (ftd.checkpoint.model).
             "sampler_blind": self.dirty.sampler_blind,
+            "unseen_pages": round(snap.unseen_pages),
             "estimate_correction": _r(snap.correction, 3),
             "predicted_pause_ms": _r(self.pauses.predict(snap.dirty_pages)),
             "pause_model": {

@@ -208,7 +208,9 @@ class DirtySnapshot:
 
     ``dirty_pages`` were dirtied since ``last_resumed_at`` (corrected, bounded by
     ``ram_pages``); ``pages_per_s`` is the corrected current rate; ``rate_known`` is false
-    until a rate has been sampled or observed from a checkpoint.
+    until a rate has been sampled or observed from a checkpoint.  ``unseen_pages`` is how many
+    pages the guest may have dirtied that no sample has reported yet: the most one sample
+    window found recently (corrected; 0 without windowed samples).
     """
 
     at: float
@@ -219,6 +221,7 @@ class DirtySnapshot:
     last_checkpoint_at: float
     last_resumed_at: float
     rate_known: bool
+    unseen_pages: float = 0.0
 
     def dirty_pages_at(self, now: float) -> float:
         """The estimate extrapolated to ``now`` at the current rate, bounded by guest RAM."""
@@ -280,6 +283,9 @@ class DirtyEstimator:
     # Samples this recent (s) set the held rate with the newest one: two of the driver's
     # 0.5 s windows, about one period of a guest that writes in once-a-second batches.
     _HOLD_S = 1.0
+    # Windows this recent (s) tell how much one window can hold (``unseen_pages``): a few
+    # periods of a batch writer, short enough to forget a burst within an idle spell.
+    _PEAK_S = 4.0
     # A fresh run found at least this many pages where the samples saw too few to learn from:
     # the sampler is blind to the guest's writes (1 MiB, four times the learning minimum).
     _BLIND_PAGES = 4 * _MIN_PAGES_FOR_CORRECTION
@@ -309,6 +315,8 @@ class DirtyEstimator:
         self._floor = 0.0
         # (at, pages/s) of the samples of the last _HOLD_S.
         self._recent: deque[tuple[float, float]] = deque()
+        # (at, pages) found by the windows of the last _PEAK_S.
+        self._windows: deque[tuple[float, float]] = deque()
 
     @property
     def correction(self) -> float:
@@ -355,6 +363,9 @@ class DirtyEstimator:
         if sample.at > lo:
             self._raw = max(0.0, self._raw + (measured - self._rate) * (sample.at - lo))
         if sample.window_s > 0:
+            self._windows.append((sample.at, measured * sample.window_s))
+            while self._windows and self._windows[0][0] <= sample.at - self._PEAK_S:
+                self._windows.popleft()
             self._recent.append((sample.at, measured))
             while self._recent and self._recent[0][0] <= sample.at - self._HOLD_S:
                 self._recent.popleft()
@@ -363,6 +374,7 @@ class DirtyEstimator:
         else:
             # A rate at one instant is taken as it is (the simulator's, the tests').
             self._recent.clear()
+            self._windows.clear()
             self._rate = measured
         self._rate_known = True
         self._rate_at = sample.at
@@ -437,4 +449,12 @@ class DirtyEstimator:
             last_checkpoint_at=self._last_checkpoint_at,
             last_resumed_at=self._last_resumed_at,
             rate_known=self._rate_known,
+            unseen_pages=self.unseen_pages(now),
         )
+
+    def unseen_pages(self, now: float) -> float:
+        """The most pages one sample window found in the last :attr:`_PEAK_S` before ``now``
+        (corrected, bounded by guest RAM): what may have landed since the newest window
+        ended, that no sample has reported yet."""
+        peak = max((p for at, p in self._windows if at > now - self._PEAK_S), default=0.0)
+        return min(float(self._ram), peak * self.correction)

@@ -70,7 +70,8 @@ class PolicyState:
     and ``dirty_pages_per_s`` the current rate to extrapolate it; both are corrected
     estimates, bounded by ``ram_pages``.  ``pause_base_ms`` and ``pause_ms_per_page`` are the
     pause model's coefficients.  ``requested_at`` is set by the daemon while a checkpoint it
-    requested has not been observed yet.
+    requested has not been observed yet.  ``unseen_pages`` is how many pages may have been
+    dirtied that no sample has reported yet (the most one sampling window found lately).
 
     Raises:
         ValueError: non-finite or negative values, ``ram_pages`` < 1, or a resume before the
@@ -86,12 +87,19 @@ class PolicyState:
     pause_base_ms: float
     pause_ms_per_page: float
     requested_at: float | None = None
+    unseen_pages: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("last_checkpoint_at", "last_resumed_at", "dirty_at"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"PolicyState.{name} must be finite")
-        for name in ("dirty_pages", "dirty_pages_per_s", "pause_base_ms", "pause_ms_per_page"):
+        for name in (
+            "dirty_pages",
+            "dirty_pages_per_s",
+            "pause_base_ms",
+            "pause_ms_per_page",
+            "unseen_pages",
+        ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"PolicyState.{name} must be finite and >= 0, got {value!r}")
@@ -118,6 +126,7 @@ class PolicyState:
             pause_base_ms=pause.base_ms,
             pause_ms_per_page=pause.ms_per_page,
             requested_at=requested_at,
+            unseen_pages=dirty.unseen_pages,
         )
 
     def dirty_pages_at(self, now: float) -> float:
@@ -369,6 +378,11 @@ class PauseBudget(CheckpointPolicy):
     an empty checkpoint is predicted over that target, it fires as soon as the minimum interval
     allows: the pause cannot get shorter by waiting.
 
+    It also fires when the estimate plus ``unseen_pages`` (what one sampling window lately
+    held: a batch the guest may have written since the newest window ended) would reach the
+    budget itself: a guest writing in batches moves the true count a batch at a time, and
+    waiting for the sample that reports the next batch can cost the whole batch over budget.
+
     Raises:
         ConfigError: a non-positive budget or bandwidth, a margin outside [0, 1), or bad
             interval bounds.
@@ -415,29 +429,37 @@ class PauseBudget(CheckpointPolicy):
         """Predicted pause (ms) of a checkpoint taken at ``now``."""
         return self._predict(state, state.dirty_pages_at(now))[0]
 
-    def _pages_for_target(self, state: PolicyState) -> float:
-        if state.pause_base_ms >= self.target_ms:
+    def _pages_for(self, state: PolicyState, pause_ms: float) -> float:
+        """The most dirty pages whose predicted pause stays under ``pause_ms``."""
+        if state.pause_base_ms >= pause_ms:
             by_model = 0.0
         elif state.pause_ms_per_page > 0:
-            by_model = (self.target_ms - state.pause_base_ms) / state.pause_ms_per_page
+            by_model = (pause_ms - state.pause_base_ms) / state.pause_ms_per_page
         else:
             by_model = math.inf
         by_link = (
             math.inf
             if self.link_bandwidth_mbps is None
-            else self.target_ms * self.link_bandwidth_mbps * 1e3 / (PAGE_SIZE * 8)
+            else pause_ms * self.link_bandwidth_mbps * 1e3 / (PAGE_SIZE * 8)
         )
         return min(by_model, by_link)
 
     def assess(self, state: PolicyState, now: float) -> Assessment:
         pages = state.dirty_pages_at(now)
         pause, source = self._predict(state, pages)
+        worst, _ = self._predict(state, pages + state.unseen_pages)
         target = f"target {self.target_ms:.1f} ms"
-        due = (
-            0.0
-            if pause >= self.target_ms
-            else state.ms_to_reach(self._pages_for_target(state), now)
-        )
+        if pause >= self.target_ms:
+            due = 0.0
+        else:
+            due = state.ms_to_reach(self._pages_for(state, self.target_ms), now)
+        if worst >= self.budget_ms:
+            due_unseen = 0.0
+        elif state.unseen_pages > 0:
+            room = self._pages_for(state, self.budget_ms) - state.unseen_pages
+            due_unseen = state.ms_to_reach(room, now)
+        else:
+            due_unseen = math.inf
         # Unlike a threshold, a budget must not be overshot: fire a hair early, not late.
         if due <= _CROSSING_MARGIN_MS:
             return Assessment(
@@ -446,8 +468,15 @@ class PauseBudget(CheckpointPolicy):
                 f"{target} (budget {_num(self.budget_ms)} ms less "
                 f"{self.safety_margin:.0%} margin)",
             )
+        if due_unseen <= _CROSSING_MARGIN_MS:
+            return Assessment(
+                0.0,
+                f"predicted pause {pause:.1f} ms ({source}, {math.floor(pages)} pages) plus "
+                f"{math.floor(state.unseen_pages)} pages not yet sampled (one recent window's) "
+                f"reaches the budget {_num(self.budget_ms)} ms",
+            )
         return Assessment(
-            due,
+            min(due, due_unseen),
             f"predicted pause {pause:.1f} ms ({source}, {math.floor(pages)} pages) < {target}",
         )
 
