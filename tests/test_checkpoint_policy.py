@@ -307,12 +307,13 @@ def test_estimator_unseen_pages_is_the_largest_recent_window() -> None:
     est.sample(DirtySample(1.6, 0.0, 0.5))
     est.sample(DirtySample(2.2, 8.0, 0.5))
     assert est.snapshot(2.2).unseen_pages == pytest.approx(4096.0)
-    # Forgotten 4 s after its window: a burst does not weigh on a whole idle spell.
-    assert est.snapshot(4.9).unseen_pages == pytest.approx(4096.0)
-    assert est.snapshot(5.1).unseen_pages == pytest.approx(1024.0)
+    # Remembered through an idle spell, forgotten 10 s after its window.
+    assert est.snapshot(10.9).unseen_pages == pytest.approx(4096.0)
+    assert est.snapshot(11.1).unseen_pages == pytest.approx(1024.0)
+    assert est.snapshot(12.3).unseen_pages == 0.0
     # Rates at one instant (no window) say nothing about a window's worth.
-    est.sample(DirtySample(5.4, 8.0))
-    assert est.snapshot(5.4).unseen_pages == 0.0
+    est.sample(DirtySample(2.5, 8.0))
+    assert est.snapshot(2.5).unseen_pages == 0.0
 
 
 def test_pause_budget_leaves_room_for_a_batch_not_yet_sampled() -> None:
