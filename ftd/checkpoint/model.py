@@ -283,9 +283,11 @@ class DirtyEstimator:
     # Samples this recent (s) set the held rate with the newest one: two of the driver's
     # 0.5 s windows, about one period of a guest that writes in once-a-second batches.
     _HOLD_S = 1.0
-    # Windows this recent (s) tell how much one window can hold (``unseen_pages``): a few
-    # periods of a batch writer, short enough to forget a burst within an idle spell.
-    _PEAK_S = 4.0
+    # Windows this recent (s) tell how much one window can hold (``unseen_pages``): longer
+    # than a bursty guest's idle spells (with 4 s, an idle spell forgot the bursts, the pages a
+    # burst's tail left stayed unsent, and the next burst's first batch landed on top of them:
+    # 457 ms against a 300 ms budget), as long as the default maximum interval.
+    _PEAK_S = 10.0
     # A fresh run found at least this many pages where the samples saw too few to learn from:
     # the sampler is blind to the guest's writes (1 MiB, four times the learning minimum).
     _BLIND_PAGES = 4 * _MIN_PAGES_FOR_CORRECTION
@@ -454,7 +456,9 @@ class DirtyEstimator:
 
     def unseen_pages(self, now: float) -> float:
         """The most pages one sample window found in the last :attr:`_PEAK_S` before ``now``
-        (corrected, bounded by guest RAM): what may have landed since the newest window
-        ended, that no sample has reported yet."""
+        (bounded by guest RAM): what may have landed since the newest window ended, that no
+        sample has reported yet.  Scaled up by a correction above 1 (a sampler that sees too
+        little), never down: a correction below 1 comes from runs whose windows counted the
+        same pages again and again, which one window's count does not."""
         peak = max((p for at, p in self._windows if at > now - self._PEAK_S), default=0.0)
-        return min(float(self._ram), peak * self.correction)
+        return min(float(self._ram), peak * max(1.0, self.correction))
