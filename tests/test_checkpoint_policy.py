@@ -333,6 +333,10 @@ def test_pause_budget_leaves_room_for_a_batch_not_yet_sampled() -> None:
     d = policy.decide(early, 1.0)
     assert not d.checkpoint_now
     assert d.next_check_in_ms == pytest.approx(2104.0, abs=1.0)
+    # A window alone over the budget's 7200 pages: no timing helps, the rule stays out of it
+    # (it would checkpoint at the minimum interval all the time, idle or not).
+    huge = PolicyState(**{**batchy.__dict__, "unseen_pages": 8000.0})
+    assert not policy.decide(huge, 1.0).checkpoint_now
 
 
 def test_estimator_falls_back_on_exact_counts_when_the_sampler_is_blind() -> None:

@@ -382,6 +382,8 @@ class PauseBudget(CheckpointPolicy):
     held: a batch the guest may have written since the newest window ended) would reach the
     budget itself: a guest writing in batches moves the true count a batch at a time, and
     waiting for the sample that reports the next batch can cost the whole batch over budget.
+    Not when one window alone holds more than the budget: no timing keeps such a batch within
+    it.
 
     Raises:
         ConfigError: a non-positive budget or bandwidth, a margin outside [0, 1), or bad
@@ -447,16 +449,16 @@ class PauseBudget(CheckpointPolicy):
     def assess(self, state: PolicyState, now: float) -> Assessment:
         pages = state.dirty_pages_at(now)
         pause, source = self._predict(state, pages)
-        worst, _ = self._predict(state, pages + state.unseen_pages)
         target = f"target {self.target_ms:.1f} ms"
         if pause >= self.target_ms:
             due = 0.0
         else:
             due = state.ms_to_reach(self._pages_for(state, self.target_ms), now)
-        if worst >= self.budget_ms:
-            due_unseen = 0.0
-        elif state.unseen_pages > 0:
-            room = self._pages_for(state, self.budget_ms) - state.unseen_pages
+        # Room for one unseen window's pages under the budget.  None (a window alone holds
+        # more than the budget's pages): checkpointing early cannot keep such a batch within
+        # the budget, and would only checkpoint at the minimum interval all the time.
+        room = self._pages_for(state, self.budget_ms) - state.unseen_pages
+        if state.unseen_pages > 0 and room > 0:
             due_unseen = state.ms_to_reach(room, now)
         else:
             due_unseen = math.inf
