@@ -18,8 +18,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from bench.checkpoint_policy import trace_checkpoints
 from ftd.checkpoint.policy import percentile
-from ftd.qemu.trace import Checkpoint, CheckpointParser
+from ftd.qemu.trace import Checkpoint
 from lab.cluster import LabCluster, VmPlan
 from lab.image import build_guest
 
@@ -65,14 +66,7 @@ def window(c: LabCluster, seconds: float) -> list[Checkpoint]:
     end = time.time()
     time.sleep(1.5)  # the last checkpoint's trace lines end with its pause
     path = c.lab.workdir / "hosts" / "a" / "run" / "vms" / VM / "trace.log"
-    parser = CheckpointParser("primary")
-    with path.open(errors="replace") as f:
-        return [
-            o
-            for line in f
-            for o in parser.feed(line)
-            if isinstance(o, Checkpoint) and start <= o.start <= end
-        ]
+    return list(trace_checkpoints(path, start, end))
 
 
 def summary(cps: list[Checkpoint]) -> str:
