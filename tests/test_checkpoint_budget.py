@@ -28,8 +28,12 @@ pytestmark = pytest.mark.real
 VM = "vm1"
 LINK_MBIT = 1000
 # Generous next to this machine's floor (a batch of 16 MiB after ~50-90 ms of fixed cost: about
-# 250 ms), well under what 8 s of bursts leave for one checkpoint (48 MiB: about 450 ms).
+# 250 ms), well under what 8 s of bursts leave for one checkpoint (48 MiB: 455-515 ms here).
 BUDGET_MS = 350
+# The policy aims at 65 % of the budget: a batch can land between two samples (0.5 s windows)
+# and add up to ~100 ms to a checkpoint (with the default 20 % a run here reached 323 ms of
+# 350, and the benchmark 304 ms of 300).  Set through the config key, as an operator would.
+MARGIN_PCT = 35
 MAX_INTERVAL_MS = 8000
 WORKLOAD = "bursty:16:3:5:48"
 WARMUP_S = 16.0  # two burst cycles: the pause model learns this host's costs
@@ -47,6 +51,7 @@ def cluster() -> Iterator[LabCluster]:
             "policy": "pause-budget",
             "pause_budget_ms": BUDGET_MS,
             "link_bandwidth_mbps": LINK_MBIT,
+            "safety_margin_pct": MARGIN_PCT,
             "min_interval_ms": 300,
             "max_interval_ms": MAX_INTERVAL_MS,
         },
@@ -83,6 +88,7 @@ def test_pause_budget_keeps_its_budget_where_fixed_at_max_interval_exceeds_it(
     pol = st["checkpoint_policy"]
     detail = f"{summary(adaptive)}\n{json.dumps(pol)}"
     assert st["policy"] == "pause-budget", detail
+    assert pol["policy"]["safety_margin"] == MARGIN_PCT / 100, detail
     pauses = [(cp.pause_s or 0.0) * 1000 for cp in adaptive]
     # Bursts are caught on demand: several checkpoints per window, most of them requested.
     assert len(adaptive) >= 5, detail
