@@ -133,7 +133,7 @@ def too_much_changed(changed: int, chunks: int, max_fraction: float | None) -> s
         return None
     return (
         f"{changed} of {chunks} chunks differ ({changed / chunks:.0%}, above "
-        f"{max_fraction:.0%}): a full copy is faster"
+        f"{max_fraction * 100:g}%): a full copy is faster"
     )
 
 
