@@ -210,7 +210,8 @@ class DirtySnapshot:
     ``ram_pages``); ``pages_per_s`` is the corrected current rate; ``rate_known`` is false
     until a rate has been sampled or observed from a checkpoint.  ``unseen_pages`` is how many
     pages the guest may have dirtied that no sample has reported yet: the most one sample
-    window found recently (corrected; 0 without windowed samples).
+    window found recently (see :meth:`DirtyEstimator.unseen_pages`; 0 without windowed
+    samples).
     """
 
     at: float
@@ -315,10 +316,9 @@ class DirtyEstimator:
         self._observed_any = False
         # Pages/s the estimate never falls under while the sampler is blind (0: it is not).
         self._floor = 0.0
-        # (at, pages/s) of the samples of the last _HOLD_S.
-        self._recent: deque[tuple[float, float]] = deque()
-        # (at, pages) found by the windows of the last _PEAK_S.
-        self._windows: deque[tuple[float, float]] = deque()
+        # (at, pages/s, pages found) of the windowed samples of the last _PEAK_S (the held
+        # rate's mean reads the last _HOLD_S of them).
+        self._windows: deque[tuple[float, float, float]] = deque()
 
     @property
     def correction(self) -> float:
@@ -365,17 +365,13 @@ class DirtyEstimator:
         if sample.at > lo:
             self._raw = max(0.0, self._raw + (measured - self._rate) * (sample.at - lo))
         if sample.window_s > 0:
-            self._windows.append((sample.at, measured * sample.window_s))
+            self._windows.append((sample.at, measured, measured * sample.window_s))
             while self._windows and self._windows[0][0] <= sample.at - self._PEAK_S:
                 self._windows.popleft()
-            self._recent.append((sample.at, measured))
-            while self._recent and self._recent[0][0] <= sample.at - self._HOLD_S:
-                self._recent.popleft()
-            mean = sum(r for _, r in self._recent) / len(self._recent)
-            self._rate = max(measured, mean)
+            recent = [r for at, r, _ in self._windows if at > sample.at - self._HOLD_S]
+            self._rate = max(measured, sum(recent) / len(recent))
         else:
             # A rate at one instant is taken as it is (the simulator's, the tests').
-            self._recent.clear()
             self._windows.clear()
             self._rate = measured
         self._rate_known = True
@@ -460,5 +456,5 @@ class DirtyEstimator:
         sample has reported yet.  Scaled up by a correction above 1 (a sampler that sees too
         little), never down: a correction below 1 comes from runs whose windows counted the
         same pages again and again, which one window's count does not."""
-        peak = max((p for at, p in self._windows if at > now - self._PEAK_S), default=0.0)
+        peak = max((p for at, _, p in self._windows if at > now - self._PEAK_S), default=0.0)
         return min(float(self._ram), peak * max(1.0, self.correction))
