@@ -100,7 +100,8 @@ LAYOUTS = {
 
 
 def say(msg: str) -> None:
-    print(f"chaos: {msg}", file=sys.stderr, flush=True)
+    # Monotonic time, as the invariant samples carry it: a violation is placed in its round.
+    print(f"chaos: [{time.monotonic():.1f}] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -445,10 +446,7 @@ async def campaign(rounds: int, seed: int, layout_name: str) -> dict[str, object
         rng.shuffle(order)
         samplers = [
             PrimarySampler(
-                {
-                    h: c.lab.workdir / "hosts" / h / "run" / "vms" / plan.name / "observe.sock"
-                    for h in (plan.primary, plan.secondary)
-                }
+                {h: c.observe_socket(h, plan.name) for h in (plan.primary, plan.secondary)}
             )
             for plan in layout.plans
         ]
@@ -488,7 +486,13 @@ async def campaign(rounds: int, seed: int, layout_name: str) -> dict[str, object
             two = smp.violations()
             if two:
                 results.append(
-                    Round(0, "invariant", plan.name, None, [f"two running primaries: {two[0]}"])
+                    Round(
+                        0,
+                        "invariant",
+                        plan.name,
+                        None,
+                        [f"{plan.name}: {len(two)} samples with two running primaries: {two[0]}"],
+                    )
                 )
         for w in camp.writers.values():
             if w.task is not None:

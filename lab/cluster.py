@@ -24,6 +24,7 @@ import yaml
 from ftctl.client import ControlClient
 from ftd.errors import FtError, LabError
 from lab.image import GuestImage, guest_append
+from lab.invariants import PrimarySampler
 from lab.netns import Lab
 
 FTD = [sys.executable, "-m", "ftd.daemon.main"]
@@ -334,6 +335,14 @@ class LabCluster:
 
     def vm_address(self, name: str) -> str:
         return vm_address(self.lab, self.plans, name)
+
+    def observe_socket(self, host: str, name: str) -> Path:
+        """The observer QMP socket of VM ``name``'s QEMU on ``host`` (lab.invariants)."""
+        return host_dirs(self.lab, host)[1] / "vms" / name / "observe.sock"
+
+    def sampler(self, name: str) -> PrimarySampler:
+        """A sampler of VM ``name``'s QEMUs on every VM host (never two running primaries)."""
+        return PrimarySampler({h: self.observe_socket(h, name) for h in self.vm_hosts})
 
     def vm_status(self, host: str, name: str) -> dict[str, Any]:
         for vm in self.ftd[host].status()["vms"]:

@@ -32,9 +32,7 @@ def cluster() -> Iterator[LabCluster]:
 
 
 def sampler(c: LabCluster) -> PrimarySampler:
-    return PrimarySampler(
-        {h: c.lab.workdir / "hosts" / h / "run" / "vms" / VM / "observe.sock" for h in c.vm_hosts}
-    )
+    return c.sampler(VM)
 
 
 def diag(c: LabCluster) -> str:
@@ -230,6 +228,66 @@ def test_forged_and_replayed_host_records_are_ignored(cluster: LabCluster) -> No
     assert peer["alive"], peer
     assert st["bus"]["dropped"] + st["bus"].get("stale", 0) >= before + 1
     assert protected(cluster, 10) == (p, s)
+
+
+def frozen(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] == "T"
+
+
+def restart_ftd(c: LabCluster, host: str) -> None:
+    """kill -9 the ftd of ``host`` (its QEMUs keep running), then start it again."""
+    f = c.ftd[host]
+    assert f.proc is not None
+    f.proc.send_signal(signal.SIGKILL)
+    f.proc.wait(10)
+    f.start()
+    f.wait_ready()
+
+
+def test_handover_whose_secondary_is_lost_first_resumes_the_held_primary(
+    cluster: LabCluster,
+) -> None:
+    """A failover asked while the secondary's ftd is down: the primary is paused and frozen for
+    the handover (a COLO checkpoint must not restart it) and stays so through a restart of its
+    own ftd; the secondary's QEMU then dies before any takeover, and its ftd, back, reports it:
+    the same primary QEMU thaws, ends COLO and runs on unprotected, then is protected again."""
+    p, s = protected(cluster)
+    qemu = cluster.vm_status(p, VM)["qemu_pid"]
+    secondary = cluster.vm_status(s, VM)["qemu_pid"]
+    peer = cluster.ftd[s]
+    with sampler(cluster) as smp:
+        assert peer.proc is not None
+        peer.proc.send_signal(signal.SIGKILL)
+        peer.proc.wait(10)
+        try:
+            out = cluster.ftd[p].ctl("failover", VM).stdout
+            assert "primary paused" in out, out
+            deadline = time.monotonic() + 10
+            while not frozen(qemu):
+                assert time.monotonic() < deadline, "the primary is not frozen for the handover"
+                time.sleep(0.05)
+            restart_ftd(cluster, p)
+            st = cluster.vm_status(p, VM)
+            assert st["state"] == "failing_over" and st["qemu_pid"] == qemu, st
+            time.sleep(3)
+            assert frozen(qemu), "the held primary thawed with nobody taking over"
+            os.kill(secondary, signal.SIGKILL)
+        finally:
+            peer.start()
+            peer.wait_ready()
+        cluster.wait_vm(p, VM, lambda v: v["state"] != "failing_over", 60, "resumed")
+        st = cluster.vm_status(p, VM)
+        assert st["role"] == "primary" and st["qemu_pid"] == qemu, st
+        assert not frozen(qemu)
+        events = cluster.ftd[p].ctl("events", "-n", "60").stdout
+        assert "held frozen for the handover" in events, events
+        assert "primary resumed, unprotected" in events, events
+        assert protected(cluster, 180) == (p, s)
+    smp.assert_safe(min_rounds=100)
 
 
 def test_partition_between_vm_hosts_leaves_exactly_one_primary(cluster: LabCluster) -> None:

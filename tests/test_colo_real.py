@@ -309,3 +309,104 @@ async def test_secondary_killed_then_reprotected(
     finally:
         await shutdown(pri)
         await shutdown(sec)
+
+
+async def poll_status(side: Side, seconds: float) -> list[str]:
+    """The primary's run status every 50 ms for ``seconds``."""
+    assert side.qmp is not None
+    seen = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seen.append(str((await side.qmp.execute("query-status"))["status"]))
+        await asyncio.sleep(0.05)
+    return seen
+
+
+def pair(lab: Lab, guest: GuestImage, tmp_path: Path) -> tuple[Side, Side]:
+    pri = Side(
+        PRIMARY_HOST, make_spec(lab, PRIMARY_HOST, SECONDARY_HOST, tmp_path, guest), "primary"
+    )
+    sec = Side(
+        SECONDARY_HOST, make_spec(lab, SECONDARY_HOST, PRIMARY_HOST, tmp_path, guest), "secondary"
+    )
+    return pri, sec
+
+
+async def hold(pri: Side) -> None:
+    """Hold the protected primary for a handover (colo.hold_primary): it stays still through
+    three checkpoint periods. Before that, the reason for the hold: a primary paused with
+    ``stop`` alone runs again after QEMU's next checkpoint."""
+    await wait_checkpoints(pri, 3, 60.0)
+    assert pri.qmp is not None and pri.proc is not None
+    await pri.qmp.execute("stop")
+    seen = await poll_status(pri, 3 * DELAY_MS / 1000)
+    assert seen[0] == "paused" and "running" in seen, (
+        f"a COLO primary paused with 'stop' stayed paused through three checkpoint periods "
+        f"({sorted(set(seen))}): QEMU no longer restarts it, colo.hold_primary may be revisited"
+    )
+    print(f"\n'stop' alone: running again after {seen.index('running') * 50} ms")
+    await wait_checkpoints(pri, len(pri.checkpoints) + 1, 30.0)
+    await colo.hold_primary(pri.qmp, pri.proc)
+    pri.poll()
+    held_at = len(pri.checkpoints)
+    for _ in range(3 * DELAY_MS // 100):
+        await asyncio.sleep(0.1)
+        assert pri.proc.frozen(), "held primary thawed by itself"
+    pri.poll()
+    assert len(pri.checkpoints) == held_at, "held primary checkpointed"
+
+
+async def test_a_held_primary_stays_still_until_the_secondary_takes_over(
+    lab: Lab, guest: GuestImage, runtime: QemuRuntime, tmp_path: Path
+) -> None:
+    pri, sec = pair(lab, guest, tmp_path)
+    try:
+        await protect(lab, pri, sec, runtime)
+        async with counter_client(lab) as (client, _task):
+            await hold(pri)
+            assert pri.proc is not None and sec.qmp is not None
+            held = time.monotonic()
+            await colo.failover_secondary(sec.qmp, sec.spec)
+            while not after(client, held):
+                assert time.monotonic() - held < 20.0, "survivor never answered"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(2 * DELAY_MS / 1000)
+            # The old primary never ran again: still frozen once the secondary runs alone.
+            assert pri.proc.frozen()
+            assert client.error is None, client.error
+            continuity = client.continuity()
+            print(f"takeover from a held primary: counter {continuity.reason}")
+            assert continuity.ok, continuity.reason
+    finally:
+        if pri.proc is not None:
+            pri.proc.kill(signal.SIGKILL)
+        await shutdown(pri)
+        await shutdown(sec)
+
+
+async def test_a_held_primary_released_runs_on_unprotected(
+    lab: Lab, guest: GuestImage, runtime: QemuRuntime, tmp_path: Path
+) -> None:
+    pri, sec = pair(lab, guest, tmp_path)
+    try:
+        await protect(lab, pri, sec, runtime)
+        async with counter_client(lab) as (client, _task):
+            await hold(pri)
+            assert pri.proc is not None and pri.qmp is not None and sec.proc is not None
+            # The handover did not happen: the secondary is gone, the primary resumes.
+            sec.proc.kill(signal.SIGKILL)
+            released = time.monotonic()
+            await colo.release_primary(pri.qmp, pri.proc, pri.spec)
+            status = await pri.qmp.execute("query-colo-status")
+            assert status["mode"] == "none" and status["last-mode"] == "primary", status
+            assert (await pri.qmp.execute("query-status"))["status"] == "running"
+            while len(after(client, released)) < 10:
+                assert time.monotonic() - released < 20.0, "released primary never answered"
+                await asyncio.sleep(0.05)
+            assert client.error is None, client.error
+            continuity = client.continuity()
+            print(f"released primary: counter {continuity.reason}")
+            assert continuity.ok, continuity.reason
+    finally:
+        await shutdown(pri)
+        await shutdown(sec)

@@ -4,12 +4,14 @@ QEMU COLO (TCG), real mosquitto and ftd daemons in network namespaces.
 In order, on one cluster: the synchronizer is elected and epochs commit while all is well; a
 member whose primary QEMU is frozen makes an epoch fail (reported, not committed); then
 ``kill -9`` of one member's primary QEMU under policy failover-all moves both members to their
-former secondaries without losing an acknowledged disk record on either.
+former secondaries without losing an acknowledged disk record on either. Throughout, an
+observer samples every member's QEMUs every 50 ms: never two running primaries of one VM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -48,7 +50,13 @@ def protected_group(
             c.ftd[p.primary].ctl("protect", p.name)
         for p in plans:
             c.wait_vm(p.primary, p.name, lambda v: v["state"] == "protected", timeout, "protected")
-        yield c
+        # Every member's QEMUs sampled for the module's whole life: group failovers and
+        # switchovers pause primaries that a COLO checkpoint must not restart.
+        with contextlib.ExitStack() as stack:
+            samplers = [stack.enter_context(c.sampler(p.name)) for p in plans]
+            yield c
+        for smp in samplers:
+            smp.assert_safe()
 
 
 @pytest.fixture(scope="module")

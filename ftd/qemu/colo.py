@@ -9,6 +9,7 @@ takes the QMP session(s) of the QEMU(s) it drives and the VM's spec *as seen fro
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from ftd.errors import QemuError, QmpError
 from ftd.qemu.cmdline import DISK_ID, PARENT_ID, REPLICATION_NODE, primary_net_chardevs
 from ftd.qemu.cmdline import primary_net_objects as _primary_net_objects
+from ftd.qemu.process import QemuProcess
 from ftd.qemu.qmp import QmpCommandError, QmpSession, QmpTimeoutError
 from ftd.qemu.spec import NicIds, QemuVmSpec
 
@@ -374,6 +376,42 @@ async def failover_primary(
         # A peer that vanished without a FIN would hold the single-client servers forever.
         await pri.yank(migration=False, block_nodes=False, chardevs=peer_chr)
     _say(progress, "failed-over", "primary runs unprotected")
+
+
+async def hold_primary(pri: QmpSession, proc: QemuProcess) -> None:
+    """Make a COLO primary still for a handover, so that it stays still until released or
+    killed: ``stop``, then freeze the process (SIGSTOP).
+
+    ``stop`` alone does not hold a COLO primary: QEMU restarts the guest at the end of every
+    checkpoint (``colo_do_checkpoint_transaction`` ends in ``vm_start``, whatever the run state
+    was before) and when COLO ends on the primary (``migration_iteration_finish`` starts the
+    VM). A checkpoint due by QEMU's timer, on demand or after a miscompare, between this pause
+    and the peer's takeover would otherwise leave two running primaries (seen in the chaos
+    campaign). A frozen QEMU runs nothing, checkpoints nothing and answers no QMP; to the
+    secondary it looks like a primary that died, which is what a takeover expects. Raises
+    QmpError when ``stop`` fails (nothing is frozen then).
+    """
+    await pri.execute("stop")
+    proc.kill(signal.SIGSTOP)
+
+
+async def release_primary(
+    pri: QmpSession, proc: QemuProcess, spec: QemuVmSpec, *, timeout_s: float = 30.0
+) -> None:
+    """Resume a primary held by :func:`hold_primary` whose secondary is gone: thaw it, end its
+    COLO (the secondary cannot take part any more) and run the guest unprotected.
+
+    ``pri`` must be a session opened after the thaw or kept across it (a frozen QEMU answers
+    nothing). Raises QemuError/QmpError.
+    """
+    proc.kill(signal.SIGCONT)
+    status, _, mode = await _query_status(pri)
+    if mode == "primary":
+        # Ending COLO restarts the guest (QEMU's own vm_start when COLO ends).
+        await failover_primary(pri, spec, timeout_s=timeout_s)
+    elif status != "running":
+        await pri.execute("cont")
+    await _wait_running_unprotected(pri, timeout_s)
 
 
 async def mirror_disk(

@@ -236,16 +236,24 @@ class QemuProcess:
         """Whether the QEMU process still runs (a zombie counts as exited)."""
         if self.popen is not None:
             return self.popen.poll() is None
+        return self._state() not in (None, "Z", "X")
+
+    def _state(self) -> str | None:
+        """The process state letter from /proc/PID/stat (None: no such process)."""
         try:
             stat = Path(f"/proc/{self.pid}/stat").read_text()
         except OSError:
-            return False
-        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+            return None
+        return stat.rsplit(")", 1)[1].split()[0]
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to QEMU (no error if it is already gone)."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, sig)
+
+    def frozen(self) -> bool:
+        """Whether the QEMU process is stopped by a signal (SIGSTOP: /proc state ``T``)."""
+        return self._state() == "T"
 
     async def wait_exit(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for QEMU to exit; True if it did (and it is reaped)."""

@@ -401,9 +401,9 @@ class VmRunner:
             case KillLocalQemu(reason=why):
                 await self._kill_local(why)
             case PauseLocalQemu():
-                await self._qmp().execute("stop")
+                await self._hold()
             case ResumeLocalQemu():
-                await self._qmp().execute("cont")
+                await self._release()
             case Alert(message=msg):
                 self.log.warning("alert", message=msg)
         return True
@@ -770,6 +770,27 @@ class VmRunner:
         self.last_failover_s = time.monotonic() - started
         self.queue.put_nowait(FailoverDone())
 
+    async def _hold(self) -> None:
+        """Pause the primary for a handover so that nothing restarts it (colo.hold_primary)."""
+        proc = self.proc
+        if proc is None or not proc.alive():
+            raise QemuError(f"vm {self.vm.name}: no local QEMU to pause")
+        await colo.hold_primary(self._qmp(), proc)
+        self.events.record(
+            "vm", f"primary QEMU pid {proc.pid} paused and frozen for the handover", vm=self.vm.name
+        )
+
+    async def _release(self) -> None:
+        """Resume a primary held for a handover that did not happen (its secondary is gone)."""
+        proc = self.proc
+        if proc is None or not proc.alive():
+            raise QemuError(f"vm {self.vm.name}: no local QEMU to resume")
+        proc.kill(signal.SIGCONT)
+        if self.qmp is None or not self.qmp.connected:
+            # Re-attached while frozen (ftd restarted during the handover): connect now.
+            await self._connect(proc, "primary", from_end=True)
+        await colo.release_primary(self._qmp(), proc, self.spec)
+
     async def _drop_secondary(self) -> None:
         await colo.failover_primary(self._qmp(), self.spec)
 
@@ -975,12 +996,22 @@ class VmRunner:
             self.proc = proc
             self._attached_at = self.clock()
             plays = view.role.value if view.role is not Role.NONE else proc.role
-            await self._connect(proc, plays, from_end=True)
+            if view.paused and proc.frozen():
+                # Held still for a handover (colo.hold_primary): it answers no QMP until a
+                # resume thaws it, and only a resume may (the peer may have taken over).
+                await self._stop_watchers()
+                self._watchers = [
+                    asyncio.create_task(self._watch_exit(proc), name=f"vm-{self.vm.name}-exit")
+                ]
+                held = ", held frozen for the handover"
+            else:
+                await self._connect(proc, plays, from_end=True)
+                held = ""
             self.view = dataclasses.replace(view, reason=f"re-attached to QEMU pid {proc.pid}")
             self.events.record(
                 "vm",
                 f"ftd restarted: re-attached to running QEMU pid {proc.pid} ({proc.role}, "
-                f"{view.state}) without touching the guest",
+                f"{view.state}{held}) without touching the guest",
                 vm=self.vm.name,
             )
             if self._protected_primary():
