@@ -57,16 +57,16 @@ from dataclasses import dataclass, field
 from ftctl.table import render
 from ftd.errors import LabError
 from lab.clients import DISK_PORT, DiskWriterClient
-from lab.cluster import LabCluster, VmPlan, host_dirs
+from lab.cluster import DISK_MIB, LabCluster, VmPlan, host_dirs
 from lab.image import build_guest
 from lab.invariants import PrimarySampler
 from lab.netns import list_namespaces
 
 PROTECT_BOUND_S = 150.0
-#: The lab's disks are 64 MiB: 131072 records of a sector. The main writers (10 records/s)
+#: The lab's disks (64 MiB: 131072 records of a sector). The main writers (10 records/s)
 #: use the sectors below BURST_SECTOR (2.2 hours of writing); the burst writers of
 #: fill_secondary_disk the sectors from there, BURST_SPAN per burst and VM (25 bursts a VM).
-DISK_SECTORS = 64 * 2048
+DISK_SECTORS = DISK_MIB * 2048
 BURST_SECTOR = 80000
 BURST_SPAN = 2000
 #: Every this many rounds, and at the end, the check covers every record acknowledged so far.

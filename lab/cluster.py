@@ -29,6 +29,8 @@ from lab.netns import Lab
 
 FTD = [sys.executable, "-m", "ftd.daemon.main"]
 METRICS_PORT = 9187
+#: Every lab VM's disk, in MiB.
+DISK_MIB = 64
 FTCTL = [sys.executable, "-m", "ftctl"]
 
 
@@ -117,7 +119,10 @@ def cluster_config(
                     "initrd": str(guest.initrd),
                     "append": guest_append(f"{subnet}.{vm.ip_octet + i}/24", vm.workloads),
                 },
-                "disk": {"path": str(state_dir / "images" / f"{vm.name}.raw"), "size_mib": 64},
+                "disk": {
+                    "path": str(state_dir / "images" / f"{vm.name}.raw"),
+                    "size_mib": DISK_MIB,
+                },
                 "nics": [{"mac": f"52:54:00:88:{lab.index:02x}:{i + 1:02x}", "bridge": "br0"}],
                 "ports": {"base": 20000 + 16 * i},
                 "checkpoint": dict(vm.checkpoint),

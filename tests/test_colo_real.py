@@ -356,57 +356,57 @@ async def hold(pri: Side) -> None:
     assert len(pri.checkpoints) == held_at, "held primary checkpointed"
 
 
-async def test_a_held_primary_stays_still_until_the_secondary_takes_over(
+@contextlib.asynccontextmanager
+async def held_pair(
     lab: Lab, guest: GuestImage, runtime: QemuRuntime, tmp_path: Path
-) -> None:
+) -> AsyncIterator[tuple[Side, Side, CounterClient]]:
+    """A protected pair with a counter client, its primary held (:func:`hold`); on exit both
+    QEMUs are killed (a held one answers no SIGTERM) and the client's counter must be
+    continuous."""
     pri, sec = pair(lab, guest, tmp_path)
     try:
         await protect(lab, pri, sec, runtime)
         async with counter_client(lab) as (client, _task):
             await hold(pri)
-            assert pri.proc is not None and sec.qmp is not None
-            held = time.monotonic()
-            await colo.failover_secondary(sec.qmp, sec.spec)
-            while not after(client, held):
-                assert time.monotonic() - held < 20.0, "survivor never answered"
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(2 * DELAY_MS / 1000)
-            # The old primary never ran again: still frozen once the secondary runs alone.
-            assert pri.proc.frozen()
+            yield pri, sec, client
             assert client.error is None, client.error
             continuity = client.continuity()
-            print(f"takeover from a held primary: counter {continuity.reason}")
+            print(f"counter: {continuity.reason}")
             assert continuity.ok, continuity.reason
     finally:
-        if pri.proc is not None:
-            pri.proc.kill(signal.SIGKILL)
-        await shutdown(pri)
-        await shutdown(sec)
+        for side in (pri, sec):
+            if side.proc is not None:
+                side.proc.kill(signal.SIGKILL)
+            await shutdown(side)
+
+
+async def test_a_held_primary_stays_still_until_the_secondary_takes_over(
+    lab: Lab, guest: GuestImage, runtime: QemuRuntime, tmp_path: Path
+) -> None:
+    async with held_pair(lab, guest, runtime, tmp_path) as (pri, sec, client):
+        assert pri.proc is not None and sec.qmp is not None
+        held = time.monotonic()
+        await colo.failover_secondary(sec.qmp, sec.spec)
+        while not after(client, held):
+            assert time.monotonic() - held < 20.0, "survivor never answered"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2 * DELAY_MS / 1000)
+        # The old primary never ran again: still frozen once the secondary runs alone.
+        assert pri.proc.frozen()
 
 
 async def test_a_held_primary_released_runs_on_unprotected(
     lab: Lab, guest: GuestImage, runtime: QemuRuntime, tmp_path: Path
 ) -> None:
-    pri, sec = pair(lab, guest, tmp_path)
-    try:
-        await protect(lab, pri, sec, runtime)
-        async with counter_client(lab) as (client, _task):
-            await hold(pri)
-            assert pri.proc is not None and pri.qmp is not None and sec.proc is not None
-            # The handover did not happen: the secondary is gone, the primary resumes.
-            sec.proc.kill(signal.SIGKILL)
-            released = time.monotonic()
-            await colo.release_primary(pri.qmp, pri.proc, pri.spec)
-            status = await pri.qmp.execute("query-colo-status")
-            assert status["mode"] == "none" and status["last-mode"] == "primary", status
-            assert (await pri.qmp.execute("query-status"))["status"] == "running"
-            while len(after(client, released)) < 10:
-                assert time.monotonic() - released < 20.0, "released primary never answered"
-                await asyncio.sleep(0.05)
-            assert client.error is None, client.error
-            continuity = client.continuity()
-            print(f"released primary: counter {continuity.reason}")
-            assert continuity.ok, continuity.reason
-    finally:
-        await shutdown(pri)
-        await shutdown(sec)
+    async with held_pair(lab, guest, runtime, tmp_path) as (pri, sec, client):
+        assert pri.proc is not None and pri.qmp is not None and sec.proc is not None
+        # The handover did not happen: the secondary is gone, the primary resumes.
+        sec.proc.kill(signal.SIGKILL)
+        released = time.monotonic()
+        await colo.release_primary(pri.qmp, pri.proc, pri.spec)
+        status = await pri.qmp.execute("query-colo-status")
+        assert status["mode"] == "none" and status["last-mode"] == "primary", status
+        assert (await pri.qmp.execute("query-status"))["status"] == "running"
+        while len(after(client, released)) < 10:
+            assert time.monotonic() - released < 20.0, "released primary never answered"
+            await asyncio.sleep(0.05)

@@ -210,6 +210,18 @@ def test_lifecycle_event_names() -> None:
     assert lifecycle_event(999, 0) is None
 
 
+def test_an_unknown_lifecycle_code_from_libvirt_is_logged_and_dropped() -> None:
+    # libvirt's callback hands over codes newer than this binding knows: no crash, no event
+    # (the callback runs inside libvirt's dispatch, where an exception would be lost).
+    class Dom:
+        def name(self) -> str:
+            return "web1"
+
+    ev = LibvirtEvents("qemu:///system", domains=["web1"])
+    ev._on_lifecycle(None, Dom(), 999, 0, None)
+    assert ev._queue.empty()
+
+
 # ---------------------------------------------------------------- pure: check_domain_xml
 
 

@@ -309,7 +309,7 @@ class LibvirtEvents:
             return
         decoded = lifecycle_event(event, detail)
         if decoded is None:
-            _log.warning("libvirt_event_unknown", domain=name, event=event, detail=detail)
+            _log.warning("libvirt_event_unknown", domain=name, code=event, detail=detail)
             return
         kind, detail_name = decoded
         self._put(DomainEvent(name, str(dom.UUIDString()), kind, detail_name, time.monotonic()))

@@ -251,6 +251,12 @@ class QemuProcess:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, sig)
 
+    def exiting(self) -> bool:
+        """Whether QEMU has exited or is exiting: a killed QEMU's main thread is a zombie at
+        once, while its other threads still finish and before it can be reaped (so before
+        :meth:`alive` says so)."""
+        return not self.alive() or self._state() in (None, "Z", "X")
+
     def frozen(self) -> bool:
         """Whether the QEMU process is stopped by a signal (SIGSTOP: /proc state ``T``)."""
         return self._state() == "T"

@@ -332,6 +332,18 @@ class VmRunner:
             if reply is not None and not reply.done():
                 reply.set_exception(err)
             return
+        if any(isinstance(a, FailoverToSelf) for a in d.actions) and not self._local_alive():
+            # The local copy is gone, its exit still queued behind this event: a takeover
+            # announced now would make the peer discard its copy (a primary held for the
+            # handover that can still resume) for one that cannot run. The exit comes first;
+            # the watcher's report of it is then ignored.
+            self.events.record(
+                "vm",
+                f"takeover ({type(event).__name__}) declined: the local QEMU has exited",
+                "warning",
+                vm=self.vm.name,
+            )
+            d = decide(self.view, LocalQemuExited(code=-1), now)
         before = self.view
         self.view = d.view
         if reply is not None and not reply.done():
@@ -370,6 +382,9 @@ class VmRunner:
         if changed and self.peer_last is not None:
             # The machine is level-triggered: the peer's last state may apply now.
             self.queue.put_nowait(self.peer_last)
+
+    def _local_alive(self) -> bool:
+        return self._killing or (self.proc is not None and not self.proc.exiting())
 
     def _on_action_failed(self, action: Action) -> None:
         if isinstance(action, LaunchPrimary | LaunchSecondary):
