@@ -209,10 +209,7 @@ class Campaign:
             f.wait_ready()
 
     def kill_ftd(self, host: str) -> None:
-        f = self.c.ftd[host]
-        if f.proc is not None:
-            f.proc.send_signal(signal.SIGKILL)
-            f.proc.wait(10)
+        self.c.ftd[host].kill()
 
     async def burst(self, vms: list[str], seconds: float) -> None:
         """Write records as fast as the guests ack them, for ``seconds``, on a second

@@ -233,6 +233,12 @@ class FtdProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
 
+    def kill(self) -> None:
+        """kill -9 this ftd (a crash: its QEMUs and its guard keep running) and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM and wait; returns the exit code (None if it had to be killed)."""
         if self.proc is None or self.proc.poll() is not None:

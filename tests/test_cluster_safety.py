@@ -11,10 +11,10 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from ftd.qemu.process import process_state
 from lab.clients import DISK_PORT, DiskWriterClient
 from lab.cluster import LabCluster, VmPlan
 from lab.image import build_guest
@@ -139,11 +139,7 @@ async def test_link_cut_primary_is_fenced_before_takeover(cluster: LabCluster) -
 
 def running(pid: int) -> bool:
     """Whether ``pid`` still runs: a killed child of a stopped ftd stays a zombie until reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
+    return process_state(pid) not in (None, "Z")
 
 
 def test_hung_ftd_on_a_cut_host_the_guard_stops_its_primary(cluster: LabCluster) -> None:
@@ -231,19 +227,13 @@ def test_forged_and_replayed_host_records_are_ignored(cluster: LabCluster) -> No
 
 
 def frozen(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] == "T"
+    return process_state(pid) == "T"
 
 
 def restart_ftd(c: LabCluster, host: str) -> None:
     """kill -9 the ftd of ``host`` (its QEMUs keep running), then start it again."""
     f = c.ftd[host]
-    assert f.proc is not None
-    f.proc.send_signal(signal.SIGKILL)
-    f.proc.wait(10)
+    f.kill()
     f.start()
     f.wait_ready()
 

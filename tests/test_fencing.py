@@ -34,6 +34,7 @@ from ftd.cluster.fencing import (
 )
 from ftd.cluster.membership import Member, Membership, PeerVerdict, QuorumVerdict
 from ftd.config.schema import Cluster, Fence, Host
+from ftd.qemu.process import process_state
 
 # --- helpers ----------------------------------------------------------------------------------
 
@@ -47,11 +48,7 @@ def script(tmp_path: Path, name: str, body: str) -> Path:
 
 def running(pid: int) -> bool:
     """Whether ``pid`` is a live process (a zombie waiting for init does not count)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+    return process_state(pid) not in (None, "Z")
 
 
 async def until(check: Callable[[], bool], within_s: float = 2.0) -> bool:

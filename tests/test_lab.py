@@ -17,6 +17,7 @@ import aiomqtt
 import pytest
 
 from ftd.errors import LabError
+from ftd.qemu.process import process_state
 from lab.broker import Broker, check_connack, mqtt5_connect_packet
 from lab.netns import NETNS_DIR, Lab, list_namespaces, namespace_name, workdir_of
 
@@ -62,10 +63,7 @@ def lab_leftovers(lab_id: str, pids: list[int]) -> list[str]:
 
 
 def zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+    return process_state(pid) == "Z"
 
 
 def new_id() -> str:

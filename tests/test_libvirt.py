@@ -47,6 +47,7 @@ from ftd.libvirt.domain import (
     qmp_sockets,
 )
 from ftd.libvirt.events import LibvirtEvents, LifecycleKind, lifecycle_event
+from ftd.qemu.process import process_state
 from ftd.qemu.qmp import QmpSession
 from ftd.qemu.runtime import QemuVersion
 
@@ -351,11 +352,7 @@ def _stop(pid: int) -> bool:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         # A zombie (not yet reaped by init) counts as gone: it holds no sockets or files.
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return True
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+        if process_state(pid) in (None, "Z"):
             return True
         time.sleep(0.2)
     with contextlib.suppress(ProcessLookupError):

@@ -129,6 +129,16 @@ async def remove_taps(taps: Sequence[str], exec_prefix: Sequence[str] = ()) -> N
             await _run([*exec_prefix, "ip", "link", "del", tap], f"delete tap {tap}")
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` from /proc/PID/stat (``R``, ``S``, ``T`` when
+    stopped by a signal, ``Z`` a zombie ...); None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
 @dataclass
 class QemuProcess:
     """A running (or exited) QEMU of one VM in one role."""
@@ -236,15 +246,7 @@ class QemuProcess:
         """Whether the QEMU process still runs (a zombie counts as exited)."""
         if self.popen is not None:
             return self.popen.poll() is None
-        return self._state() not in (None, "Z", "X")
-
-    def _state(self) -> str | None:
-        """The process state letter from /proc/PID/stat (None: no such process)."""
-        try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
-        except OSError:
-            return None
-        return stat.rsplit(")", 1)[1].split()[0]
+        return process_state(self.pid) not in (None, "Z", "X")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to QEMU (no error if it is already gone)."""
@@ -255,11 +257,11 @@ class QemuProcess:
         """Whether QEMU has exited or is exiting: a killed QEMU's main thread is a zombie at
         once, while its other threads still finish and before it can be reaped (so before
         :meth:`alive` says so)."""
-        return not self.alive() or self._state() in (None, "Z", "X")
+        return not self.alive() or process_state(self.pid) in (None, "Z", "X")
 
     def frozen(self) -> bool:
         """Whether the QEMU process is stopped by a signal (SIGSTOP: /proc state ``T``)."""
-        return self._state() == "T"
+        return process_state(self.pid) == "T"
 
     async def wait_exit(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for QEMU to exit; True if it did (and it is reaped)."""

@@ -800,9 +800,10 @@ class VmRunner:
         proc = self.proc
         if proc is None or not proc.alive():
             raise QemuError(f"vm {self.vm.name}: no local QEMU to resume")
-        proc.kill(signal.SIGCONT)
         if self.qmp is None or not self.qmp.connected:
-            # Re-attached while frozen (ftd restarted during the handover): connect now.
+            # Re-attached while frozen (ftd restarted during the handover): a frozen QEMU
+            # answers no QMP, so thaw it before connecting (release_primary thaws otherwise).
+            proc.kill(signal.SIGCONT)
             await self._connect(proc, "primary", from_end=True)
         await colo.release_primary(self._qmp(), proc, self.spec)
 
