@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.checkpoint_policy import goal_verdict, pause_ratio
+from bench.checkpoint_policy import (
+    RunResult,
+    goal_verdict,
+    page_cost_floor,
+    pages_for_budget,
+    pause_fit,
+    pause_ratio,
+)
+from ftd.qemu.trace import Checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("fixed", "pause-budget", "dirty-threshold")
@@ -66,6 +74,31 @@ def test_goal_verdict() -> None:
     met, reasons = goal_verdict(out, ("steady", "bursty"))
     assert met is None
     assert reasons[1] == "steady: not measurable: no adaptive policy met the budget", reasons
+
+
+def _fixed(pages: list[int], base_ms: float, us_per_page: float) -> RunResult:
+    cps = tuple(
+        Checkpoint("primary", i, float(i), (base_ms + p * us_per_page / 1000) / 1000, 0.5, p)
+        for i, p in enumerate(pages, 1)
+    )
+    return RunResult({"policy": "fixed", "interval_ms": 2000}, cps, 60.0, 100)
+
+
+def test_pause_fit_and_the_floor_no_policy_can_beat() -> None:
+    # 60 ms a checkpoint plus 30 us a page, exactly.
+    long = _fixed([12288, 100, 12288, 50], 60.0, 30.0)
+    short = _fixed([4096, 4096, 0, 0, 4096, 4096, 0, 0], 60.0, 30.0)
+    fit = pause_fit([long, short])
+    assert fit is not None
+    assert abs(fit[0] - 60.0) < 1e-6 and abs(fit[1] - 0.030) < 1e-9, fit
+    # The short run: 8 x 60 ms of fixed cost in 480 + 16384 x 0.03 = 971.52 ms of pause.
+    assert page_cost_floor([long, short], short) == round(1 - 480 / 971.52, 3)
+    # (400 x 0.8 - 60) / 0.03 pages fit a 400 ms budget with pause-budget's default margin.
+    assert pages_for_budget([long, short], 400.0) == 8666
+    # Too few or identical points give no fit, and the floor is then unknown.
+    flat = _fixed([100, 100, 100], 60.0, 30.0)
+    assert pause_fit([flat]) is None and page_cost_floor([flat], flat) is None
+    assert pages_for_budget([flat], 400.0) == 4096
 
 
 @pytest.mark.real
