@@ -1,5 +1,5 @@
-"""``python -m bench.checkpoint_policy [--quick] [--link-mbit M]``: checkpoint policies side by
-side on one guest.
+"""``python -m bench.checkpoint_policy [--quick] [--link-mbit M] [--budget-ms B] [--margin-pct P]
+[--workload W]``: checkpoint policies side by side on one guest.
 
 For each guest workload (``steady``: a constant rate of dirtying fresh memory; ``bursty``:
 bursts of it between quiet spells, 3 s of every 20; ``bursty-dense``: 3 s of every 8; on
@@ -273,6 +273,7 @@ async def bench_workload(
     fixed_ms: Sequence[int],
     budget_ms: float,
     link_mbit: int,
+    margin_pct: int | None,
 ) -> dict[str, Any]:
     progress(f"{name} ({workload}): building the lab and protecting {VM}")
     plan = VmPlan(
@@ -309,6 +310,8 @@ async def bench_workload(
         budget: dict[str, object] = {"policy": "pause-budget", "pause_budget_ms": budget_ms}
         if link_mbit:
             budget["link_bandwidth_mbps"] = link_mbit
+        if margin_pct is not None:
+            budget["safety_margin"] = margin_pct / 100
         adaptive = {
             "pause-budget": await b.run(budget),
             "dirty-threshold": await b.run({"policy": "dirty-threshold", "dirty_pages": pages}),
@@ -391,7 +394,11 @@ def goal_verdict(out: dict[str, Any], workloads: Sequence[str]) -> tuple[bool | 
 
 
 async def main_async(
-    quick: bool, workloads: Sequence[str], budget_ms: float, link_mbit: int
+    quick: bool,
+    workloads: Sequence[str],
+    budget_ms: float,
+    link_mbit: int,
+    margin_pct: int | None = None,
 ) -> dict[str, Any]:
     # 20 s: the quick windows hold one burst of ``bursty`` (3 s of every 20) wherever they start.
     window_s = 20.0 if quick else 60.0
@@ -405,6 +412,7 @@ async def main_async(
             fixed_ms=fixed_ms,
             budget_ms=budget_ms,
             link_mbit=link_mbit,
+            margin_pct=margin_pct,
         )
     judged = {name: pause_ratio(out[name]) for name in workloads}
     ratios = {name: r for name, (r, _) in judged.items()}
@@ -415,6 +423,7 @@ async def main_async(
     out["goal"] = {"met": met, "reasons": reasons}
     out["budget_ms"] = budget_ms
     out["link_mbit"] = link_mbit
+    out["margin_pct"] = margin_pct
     out["window_s"] = window_s
     out["quick"] = quick
     return out
@@ -435,13 +444,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--link-mbit", type=int, default=1000, help="VM hosts' link rate in Mbit/s (0: unshaped)"
     )
+    ap.add_argument(
+        "--margin-pct",
+        type=int,
+        default=None,
+        help="pause-budget's safety margin in whole percent, 0..90 (default: the policy's own, "
+        "20): the budget less the margin should leave room for one write batch of the guest",
+    )
     args = ap.parse_args(argv)
     if args.link_mbit < 0:
         ap.error(f"--link-mbit {args.link_mbit}: must be >= 0")
+    if args.margin_pct is not None and not 0 <= args.margin_pct <= 90:
+        ap.error(f"--margin-pct {args.margin_pct}: must be within 0..90")
     workloads = args.workload or list(QUICK_WORKLOADS if args.quick else DEFAULT_WORKLOADS)
     started = time.monotonic()
     try:
-        out = asyncio.run(main_async(args.quick, workloads, args.budget_ms, args.link_mbit))
+        out = asyncio.run(
+            main_async(args.quick, workloads, args.budget_ms, args.link_mbit, args.margin_pct)
+        )
     except (FtError, OSError) as err:
         print(json.dumps({"error": str(err)}))
         return 1

@@ -494,7 +494,10 @@ def test_local_qemu_exits() -> None:
     )
     s = decide(view(State.PROTECTED, S, peer="a"), LocalQemuExited(137), 0.0)
     assert s.view.state is State.STOPPED
-    assert s.reason == ("local secondary QEMU exited (code 137); the primary a runs on unprotected")
+    assert s.reason == (
+        "local secondary QEMU exited (code 137); this host holds no copy: the VM is "
+        "unprotected, on a if it runs"
+    )
 
 
 def test_colo_exit_and_qmp_lost_wait_with_an_alert() -> None:

@@ -909,7 +909,9 @@ def _on_local_exited(view: VmView, event: LocalQemuExited, now: float) -> Decisi
             sync=None,
             paused=False,
         )
-    reason = f"{head}; the primary {_peer(view)} runs on unprotected"
+    # This host cannot tell here whether its primary still runs (it may be the one that was
+    # lost): say what is known.
+    reason = f"{head}; this host holds no copy: the VM is unprotected, on {_peer(view)} if it runs"
     return _move(
         view,
         now,
