@@ -304,7 +304,19 @@ def cmd_status(client: ControlClient, as_json: bool) -> int:
             print(f"{vm['name']}: {sync_line(vm['sync'])}")
         if vm.get("last_resync"):
             print(f"{vm['name']}: {resync_line(vm['last_resync'])}")
+        if vm.get("recovery"):
+            print(f"{vm['name']}: {recovery_line(vm['recovery'])}")
     return 0
+
+
+def recovery_line(r: dict[str, Any]) -> str:
+    """The expected downtime if the primary fails (ftd.vm.recovery), in one line."""
+    host = r.get("host_loss_s")
+    lost = "no bound (no fence agent)" if host is None else f"~{host:.1f}s"
+    return (
+        f"{r.get('standby', '-')} standby, expected recovery: QEMU crash "
+        f"~{r['qemu_exit_s']:.1f}s, host loss {lost} ({r.get('reason', '')})"
+    )
 
 
 def resync_line(r: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ def status() -> dict[str, Any]:
                 "state": "syncing",
                 "failovers": 2,
                 "sync": {"done": 4096},
+                "recovery": {"standby": "hot", "qemu_exit_s": 0.31, "host_loss_s": None},
                 "checkpoints": {
                     "count": 3,
                     "last_dirty_pages": 77,
@@ -47,6 +48,9 @@ def test_render_parses_and_carries_values() -> None:
     assert hist[("ftd_vm_checkpoint_pause_seconds_bucket", "+Inf")] == 3
     assert hist[("ftd_vm_checkpoint_pause_seconds_sum", None)] == 0.17
     assert next(iter(fams["ftd_vm_resync_bytes"].samples)).value == 4096
+    # An unbounded host-loss recovery (no fence agent) is left out, not written as infinity.
+    rec = {s.labels["failure"]: s.value for s in fams["ftd_vm_expected_recovery_seconds"].samples}
+    assert rec == {"qemu_exit": 0.31}, rec
     # Label values are escaped: a quote in a name does not break the format.
     assert next(iter(fams["ftd_vm_failovers"].samples)).labels["vm"] == 'vm"1'
 

@@ -129,8 +129,14 @@ async def test_protect_reaches_protected_with_checkpoints(cluster: LabCluster) -
     assert cp["avg_pause_ms"] is not None and cp["p99_pause_ms"] >= cp["avg_pause_ms"]
     sec = cluster.vm_status(s, VM)
     assert sec["role"] == "secondary" and sec["checkpoints"]["count"] >= 1
+    # The expected recovery: no takeover measured yet, the lab's hosts fence themselves.
+    rec = st["recovery"]
+    assert rec["standby"] == "hot" and rec["qemu_exit_s"] == 0.5, rec
+    assert rec["host_loss_s"] > rec["qemu_exit_s"], rec
+    assert "self-fencing lease" in rec["reason"], rec
     table = cluster.ftd[p].ctl("status").stdout
     assert VM in table and "protected" in table and "LAST PAUSE" in table
+    assert f"{VM}: hot standby, expected recovery: QEMU crash ~0.5s, host loss ~" in table, table
     assert "direct heartbeats: UDP 7887, signed, 0 dropped" in table, table
     events = json.loads(cluster.ftd[p].ctl("events", "--json").stdout)
     assert any("VM protected" in e["message"] for e in events)
@@ -150,6 +156,9 @@ async def test_kill_primary_qemu_fails_over_without_losing_acks(
     print(f"\nkill -9 primary QEMU: first ack {took:.3f}s after the kill")
     st = cluster.wait_vm(s, VM, lambda v: v["role"] == "primary", 10, "became primary")
     assert st["failovers"] == 1
+    # The survivor's estimate now counts its own measured takeover.
+    assert st["recovery"]["qemu_exit_s"] == round(st["last_failover_s"], 2), st["recovery"]
+    assert "as last measured here" in st["recovery"]["reason"], st["recovery"]
     # Automatic reprotect: the old primary's host becomes the secondary, its disk brought up
     # to date by copying only the chunks that differ (64 MiB disk, a few records written).
     protected(cluster)
@@ -357,3 +366,5 @@ async def test_metrics_endpoint_scraped_and_parsed(cluster: LabCluster) -> None:
     assert cps.value >= 1
     hist = [s for s in fams["ftd_vm_checkpoint_pause_seconds"].samples if s.name.endswith("count")]
     assert hist and hist[0].value >= 1
+    rec = {s.labels["failure"]: s.value for s in fams["ftd_vm_expected_recovery_seconds"].samples}
+    assert set(rec) == {"qemu_exit", "host_loss"} and 0 < rec["qemu_exit"] < rec["host_loss"], rec

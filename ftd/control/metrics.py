@@ -90,6 +90,21 @@ def render(status: dict[str, Any]) -> str:
         out.append(
             f'ftd_vm_failovers_total{{host="{host}",vm="{_label(vm["name"])}"}} {vm["failovers"]}'
         )
+    metric(
+        "ftd_vm_expected_recovery_seconds",
+        "gauge",
+        "expected downtime if the primary fails, per failure (qemu_exit, host_loss; none when "
+        "unbounded)",
+    )
+    for vm in vms:
+        rec = vm.get("recovery") or {}
+        for failure in ("qemu_exit", "host_loss"):
+            value = rec.get(f"{failure}_s")
+            if value is not None:
+                out.append(
+                    f'ftd_vm_expected_recovery_seconds{{host="{host}",vm="{_label(vm["name"])}",'
+                    f'failure="{failure}"}} {value}'
+                )
     metric("ftd_vm_resync_bytes", "gauge", "bytes copied by the disk resync in progress")
     for vm in vms:
         done = (vm.get("sync") or {}).get("done", 0)

@@ -44,7 +44,7 @@ from ftd.checkpoint.driver import (
     timer_ms,
 )
 from ftd.checkpoint.policy import make_policy
-from ftd.config.schema import Config, Vm
+from ftd.config.schema import Config, Fence, Vm
 from ftd.control.events import EventLog
 from ftd.daemon.state import read_json, write_json_atomic
 from ftd.errors import ConfigError, FtError, QemuError, RequestError, StateError
@@ -89,6 +89,7 @@ from ftd.vm.machine import (
     VmView,
     decide,
 )
+from ftd.vm.recovery import RecoveryEstimate, expected_recovery
 
 # The secondary QEMU prints this when the primary's COLO stream closes: the primary QEMU's
 # sockets were closed by its kernel (process gone) or by the primary dropping its secondary.
@@ -1082,7 +1083,22 @@ class VmRunner:
             "failovers": self.failovers,
             "last_failover_s": self.last_failover_s,
             "last_resync": self.last_resync,
+            "recovery": self._recovery().as_json(),
         }
+
+    def _recovery(self) -> RecoveryEstimate:
+        """Expected downtime if the primary fails: the primary's host is this one or the peer
+        (the configured primary while neither runs it)."""
+        v = self.view
+        if v.role is Role.PRIMARY:
+            primary = self.host
+        elif v.role is Role.SECONDARY and v.peer is not None:
+            primary = v.peer
+        else:
+            primary = self.vm.primary
+        # Every VM host is in cluster.hosts (validated at load); Fence() only guards a typo.
+        fence = next((h.fence for h in self.cfg.cluster.hosts if h.name == primary), Fence())
+        return expected_recovery(self.cfg.cluster, primary, fence, self.last_failover_s)
 
     def self_fence(self, reason: str) -> bool:
         """Kill the local QEMU if it runs the VM as primary (the isolated host's side of the
