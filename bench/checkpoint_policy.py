@@ -96,6 +96,10 @@ FIXED_INTERVALS_MS = (8000, 6000, 4000, 3000, 2000, 1500, 1000, 750, 500)
 QUICK_FIXED_INTERVALS_MS = (3000, 1000)
 #: Seconds after a policy switch before measuring: the switch itself starts a checkpoint.
 SETTLE_S = 2.0
+#: A bursty guest's window starts with a burst: its work counter still for QUIET_S (longer than
+#: the 1 s between two batches of a burst), then moving; given up after BURST_WAIT_S.
+QUIET_S = 2.5
+BURST_WAIT_S = 90.0
 
 
 def progress(line: str) -> None:
@@ -199,10 +203,13 @@ def page_cost_floor(runs: Sequence[RunResult], chosen: RunResult) -> float | Non
 class Bench:
     """One workload's lab VM and the measuring of policies on it."""
 
-    def __init__(self, c: LabCluster, window_s: float, budget_ms: float) -> None:
+    def __init__(
+        self, c: LabCluster, window_s: float, budget_ms: float, *, align: bool = False
+    ) -> None:
         self.c = c
         self.budget_ms = budget_ms
         self.window_s = window_s
+        self.align = align
 
     def primary(self) -> str:
         p = self.c.primary_host(VM)
@@ -231,12 +238,35 @@ class Bench:
             args += [f"--{key.replace('_', '-')}", str(value)]
         self.c.ftd[self.primary()].ctl(*args)
 
+    async def burst_start(self) -> int:
+        """Wait for a bursty guest's next burst to begin (its work counter moves after a quiet
+        spell of QUIET_S) and return the count from just before it. A window of whole cycles
+        then holds the same number of bursts for every policy: the guest's cycle is a little
+        longer than ON+OFF (its batches take time to write), so windows starting anywhere held
+        two or three bursts of ``bursty`` (96 or 144 MiB of work in one run).
+        Raises LabError when no burst starts within ``BURST_WAIT_S``."""
+        deadline = time.monotonic() + BURST_WAIT_S
+        last, quiet_since = await self.work(), time.monotonic()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            now_work, now = await self.work(), time.monotonic()
+            if now_work == last:
+                continue
+            if now - quiet_since >= QUIET_S:
+                return last
+            last, quiet_since = now_work, now
+        raise LabError(f"{VM}: no burst began after a quiet spell within {BURST_WAIT_S:g}s")
+
     async def run(self, params: dict[str, object]) -> RunResult:
         self.set_policy(params)
         await asyncio.sleep(SETTLE_S)
         host = self.primary()
         trace_log = self.c.lab.workdir / "hosts" / host / "run" / "vms" / VM / "trace.log"
-        work0, t0 = await self.work(), time.time()
+        if self.align:
+            work0 = await self.burst_start()
+            t0 = time.time()
+        else:
+            work0, t0 = await self.work(), time.time()
         await asyncio.sleep(self.window_s)
         work1, t1 = await self.work(), time.time()
         if self.primary() != host:
@@ -294,7 +324,7 @@ async def bench_workload(
             c.lab.shape(h, link_mbit)
         c.ftd["a"].ctl("protect", VM)
         wait_protected(c)
-        b = Bench(c, window_s, budget_ms)
+        b = Bench(c, window_s, budget_ms, align=workload.startswith("bursty:"))
         await b.work(wait_s=120.0)
         fixed_runs: list[RunResult] = []
         chosen: RunResult | None = None
