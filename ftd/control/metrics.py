@@ -93,8 +93,8 @@ def render(status: dict[str, Any]) -> str:
     metric(
         "ftd_vm_expected_recovery_seconds",
         "gauge",
-        "expected downtime if the primary fails, per failure (qemu_exit, host_loss; none when "
-        "unbounded)",
+        "expected downtime if the primary fails, per failure (qemu_exit, host_loss; host_loss "
+        "left out when unbounded)",
     )
     for vm in vms:
         rec = vm.get("recovery") or {}
