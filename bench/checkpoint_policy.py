@@ -69,7 +69,7 @@ MEMORY_MIB = 128
 #: the pages dirty since the last checkpoint grow with the time since it). ``bursty`` writes
 #: 3 s of every 20 (a periodic job between quiet spells); ``bursty-dense`` 3 s of every 8, a
 #: guest writing 37.5 % of the time, where even a perfect policy saves less (see
-#: ``savings_bound``). The ``-rewrite`` variants, run only when asked, rewrite the same N MiB
+#: ``page_cost_floor``). The ``-rewrite`` variants, run only when asked, rewrite the same N MiB
 #: every second instead: the pages to send stop growing after a second, so a long fixed
 #: interval costs no more per checkpoint than a short one and there is little for any policy
 #: to win.
@@ -430,7 +430,7 @@ async def main_async(
     link_mbit: int,
     margin_pct: int | None = None,
 ) -> dict[str, Any]:
-    # 20 s: the quick windows hold one burst of ``bursty`` (3 s of every 20) wherever they start.
+    # 20 s: a quick window, starting with a burst of ``bursty`` (3 s of every 20), holds that one.
     window_s = 20.0 if quick else 60.0
     fixed_ms = QUICK_FIXED_INTERVALS_MS if quick else FIXED_INTERVALS_MS
     out: dict[str, Any] = {}
