@@ -671,7 +671,15 @@ class Config:
     @property
     def this_host(self) -> Host:
         """This daemon's entry in cluster.hosts (validated to exist at load)."""
-        return next(h for h in self.cluster.hosts if h.name == self.host)
+        return self.host_entry(self.host)
+
+    def host_entry(self, name: str) -> Host:
+        """The entry of host ``name`` in cluster.hosts; raises KeyError when there is none
+        (every host a VM or this daemon names is validated to exist at load)."""
+        for h in self.cluster.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)
 
     def vm(self, name: str) -> Vm:
         """The VM called ``name``; raises KeyError when there is none."""

@@ -99,8 +99,7 @@ class Daemon:
         self.heartbeat_key = heartbeat_key
         self.cfg = cfg
         self.config_path = config_path
-        me = next(h for h in cfg.cluster.hosts if h.name == cfg.host)
-        self.role = "witness" if witness or me.role == "witness" else "vm-host"
+        self.role = "witness" if witness or cfg.this_host.role == "witness" else "vm-host"
         self.log = get_logger(host=cfg.host)
         self.events = EventLog(cfg.host)
         self.notifier = Notifier()
@@ -395,7 +394,7 @@ class Daemon:
         if not runners:
             return
         proofs = {r.vm.name: "its COLO stream closed" for r in runners if r.stream_lost}
-        host = next(h for h in self.cfg.cluster.hosts if h.name == peer)
+        host = self.cfg.host_entry(peer)
         plan = fencing_plan(verdict, q, [r.vm.name for r in runners], host.fence.agent, proofs)
         fs = self.fence_state.setdefault(peer, {"ok": False, "reason": "", "running": False})
         if plan.action == "fence" and not fs["ok"] and not fs["running"]:

@@ -44,7 +44,7 @@ from ftd.checkpoint.driver import (
     timer_ms,
 )
 from ftd.checkpoint.policy import make_policy
-from ftd.config.schema import Config, Fence, Vm
+from ftd.config.schema import Config, Vm
 from ftd.control.events import EventLog
 from ftd.daemon.state import read_json, write_json_atomic
 from ftd.errors import ConfigError, FtError, QemuError, RequestError, StateError
@@ -1096,8 +1096,7 @@ class VmRunner:
             primary = v.peer
         else:
             primary = self.vm.primary
-        # Every VM host is in cluster.hosts (validated at load); Fence() only guards a typo.
-        fence = next((h.fence for h in self.cfg.cluster.hosts if h.name == primary), Fence())
+        fence = self.cfg.host_entry(primary).fence
         return expected_recovery(self.cfg.cluster, primary, fence, self.last_failover_s)
 
     def self_fence(self, reason: str) -> bool:
