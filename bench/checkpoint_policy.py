@@ -50,12 +50,13 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ftd.checkpoint.model import PAGE_SIZE
-from ftd.checkpoint.policy import percentile
+from ftd.checkpoint.policy import DEFAULT_MAX_INTERVAL_MS, percentile
 from ftd.errors import FtError, LabError
 from ftd.qemu.trace import Checkpoint, CheckpointParser
 from lab.clients import STATS_PORT, read_stats
@@ -91,7 +92,11 @@ QUICK_WORKLOADS = ("steady", "bursty")
 #: dirty-rate samples (at 300 ms pause-budget's p99 was 304 ms on bursty-dense).
 BUDGET_MS = 400.0
 MIN_INTERVAL_MS = 300
-MAX_INTERVAL_MS = 10_000
+#: The recovery-point bound every policy is held to: the product's default (20 s, QEMU's own
+#: default checkpoint interval). Longer than every fixed interval tried, so it binds only the
+#: adaptive policies: with a bound shorter than ``bursty``'s quiet spells (17 s) each spell
+#: costs them one forced checkpoint.
+MAX_INTERVAL_MS = int(DEFAULT_MAX_INTERVAL_MS)
 FIXED_INTERVALS_MS = (8000, 6000, 4000, 3000, 2000, 1500, 1000, 750, 500)
 QUICK_FIXED_INTERVALS_MS = (3000, 1000)
 #: Seconds after a policy switch before measuring: the switch itself starts a checkpoint.
@@ -114,6 +119,9 @@ class RunResult:
     checkpoints: tuple[Checkpoint, ...]
     window_s: float
     work_mib: int
+    #: Checkpoints the primary's ftd requested in the window, by the rule that fired (see
+    #: :func:`request_reasons`); the rest were QEMU's own timer.
+    requests: dict[str, int] = field(default_factory=dict)
 
     def report(self, budget_ms: float) -> dict[str, Any]:
         pauses = [c.pause_s * 1000 for c in self.checkpoints if c.pause_s is not None]
@@ -133,6 +141,7 @@ class RunResult:
             "window_s": round(self.window_s, 1),
             "min_gap_ms": None if not gaps else round(min(gaps) * 1000, 1),
             "meets_budget": p99 is not None and p99 <= budget_ms,
+            "requested": dict(sorted(self.requests.items())),
         }
 
 
@@ -152,6 +161,45 @@ def trace_checkpoints(path: Path, start: float, end: float) -> tuple[Checkpoint,
     except OSError as err:
         raise LabError(f"cannot read the trace log {path}: {err}") from err
     return tuple(out)
+
+
+def reason_kind(reason: str) -> str:
+    """The rule a checkpoint request's reason names: ``unseen-batch`` (pause-budget: the
+    estimate plus one unsampled window's pages reach the budget), ``budget`` (the predicted
+    pause reaches the target), ``threshold`` (dirty-threshold), or ``other``."""
+    if "not yet sampled" in reason:
+        return "unseen-batch"
+    if reason.startswith("predicted pause"):
+        return "budget"
+    if reason.startswith("dirty pages"):
+        return "threshold"
+    return "other"
+
+
+def request_reasons(path: Path, start: float, end: float) -> dict[str, int]:
+    """The checkpoints the primary's ftd requested within [start, end] (UNIX time), counted by
+    :func:`reason_kind`, from its JSON log (lines that are not JSON are passed over).
+
+    Raises LabError when the log cannot be read.
+    """
+    counts: dict[str, int] = {}
+    try:
+        with path.open(errors="replace") as f:
+            for line in f:
+                if '"checkpoint requested"' not in line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                    at = datetime.fromisoformat(rec["timestamp"]).timestamp()
+                    reason = str(rec["reason"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if start <= at <= end:
+                    kind = reason_kind(reason)
+                    counts[kind] = counts.get(kind, 0) + 1
+    except OSError as err:
+        raise LabError(f"cannot read the ftd log {path}: {err}") from err
+    return counts
 
 
 def pause_fit(runs: Sequence[RunResult]) -> tuple[float, float] | None:
@@ -274,11 +322,13 @@ class Bench:
         # A checkpoint's trace lines end with its pause: give the last one time to finish.
         await asyncio.sleep(1.0)
         cps = trace_checkpoints(trace_log, t0, t1)
-        res = RunResult(params, cps, t1 - t0, work1 - work0)
+        requests = request_reasons(self.c.ftd[host].log_path, t0, t1)
+        res = RunResult(params, cps, t1 - t0, work1 - work0, requests)
         rep = res.report(self.budget_ms)
         progress(
             f"  {params}: {rep['checkpoints']} checkpoints, total pause {rep['total_pause_ms']} "
-            f"ms, p99 {rep['pause_p99_ms']} ms, work {rep['work_done']} MiB"
+            f"ms, p99 {rep['pause_p99_ms']} ms, work {rep['work_done']} MiB, requested "
+            f"{rep['requested'] or 'none'}"
         )
         return res
 
@@ -304,6 +354,7 @@ async def bench_workload(
     budget_ms: float,
     link_mbit: int,
     margin_pct: int | None,
+    max_interval_ms: int = MAX_INTERVAL_MS,
 ) -> dict[str, Any]:
     progress(f"{name} ({workload}): building the lab and protecting {VM}")
     plan = VmPlan(
@@ -316,7 +367,7 @@ async def bench_workload(
             "policy": "fixed",
             "interval_ms": 2000,
             "min_interval_ms": MIN_INTERVAL_MS,
-            "max_interval_ms": MAX_INTERVAL_MS,
+            "max_interval_ms": max_interval_ms,
         },
     )
     with LabCluster([plan], guest=build_guest()) as c:
@@ -429,6 +480,8 @@ async def main_async(
     budget_ms: float,
     link_mbit: int,
     margin_pct: int | None = None,
+    *,
+    max_interval_ms: int = MAX_INTERVAL_MS,
 ) -> dict[str, Any]:
     # 20 s: a quick window, starting with a burst of ``bursty`` (3 s of every 20), holds that one.
     window_s = 20.0 if quick else 60.0
@@ -443,6 +496,7 @@ async def main_async(
             budget_ms=budget_ms,
             link_mbit=link_mbit,
             margin_pct=margin_pct,
+            max_interval_ms=max_interval_ms,
         )
     judged = {name: pause_ratio(out[name]) for name in workloads}
     ratios = {name: r for name, (r, _) in judged.items()}
@@ -454,6 +508,7 @@ async def main_async(
     out["budget_ms"] = budget_ms
     out["link_mbit"] = link_mbit
     out["margin_pct"] = margin_pct
+    out["max_interval_ms"] = max_interval_ms
     out["window_s"] = window_s
     out["quick"] = quick
     return out
@@ -481,7 +536,20 @@ def main(argv: list[str] | None = None) -> int:
         help="pause-budget's safety margin in whole percent, 0..90 (default: the policy's own, "
         "20): the budget less the margin should leave room for one write batch of the guest",
     )
+    ap.add_argument(
+        "--max-interval-ms",
+        type=int,
+        default=MAX_INTERVAL_MS,
+        help="the maximum interval (recovery point) every policy is held to "
+        f"(default {MAX_INTERVAL_MS}, the product's); at least the longest fixed interval tried",
+    )
     args = ap.parse_args(argv)
+    fixed_max = max(QUICK_FIXED_INTERVALS_MS if args.quick else FIXED_INTERVALS_MS)
+    if args.max_interval_ms < fixed_max:
+        ap.error(
+            f"--max-interval-ms {args.max_interval_ms}: must be >= {fixed_max}, the longest "
+            "fixed interval tried"
+        )
     if args.link_mbit < 0:
         ap.error(f"--link-mbit {args.link_mbit}: must be >= 0")
     if args.margin_pct is not None and not 0 <= args.margin_pct <= 90:
@@ -490,7 +558,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         out = asyncio.run(
-            main_async(args.quick, workloads, args.budget_ms, args.link_mbit, args.margin_pct)
+            main_async(
+                args.quick,
+                workloads,
+                args.budget_ms,
+                args.link_mbit,
+                args.margin_pct,
+                max_interval_ms=args.max_interval_ms,
+            )
         )
     except (FtError, OSError) as err:
         print(json.dumps({"error": str(err)}))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,10 @@ from bench.checkpoint_policy import (
     pages_for_budget,
     pause_fit,
     pause_ratio,
+    reason_kind,
+    request_reasons,
 )
+from ftd.errors import LabError
 from ftd.qemu.trace import Checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +105,40 @@ def test_pause_fit_and_the_floor_no_policy_can_beat() -> None:
     assert pages_for_budget([flat], 400.0) == 4096
 
 
+def test_request_reasons_counts_each_rule_within_the_window(tmp_path: Path) -> None:
+    def line(ts: str, reason: str, event: str = "checkpoint requested") -> str:
+        rec = {"vm": "vm1", "reason": reason, "event": event, "timestamp": ts}
+        return json.dumps(rec)
+
+    unseen = (
+        "predicted pause 250.0 ms (model, 4600 pages) plus 4096 pages not yet sampled "
+        "(one recent window's) reaches the budget 400 ms"
+    )
+    budget = "predicted pause 321.0 ms (link, 6500 pages) reaches target 320.0 ms (budget ...)"
+    log = tmp_path / "ftd.log"
+    log.write_text(
+        "\n".join(
+            [
+                line("2026-12-02T15:00:00.500000Z", budget),  # before the window
+                line("2026-12-02T15:00:01.000000Z", unseen),
+                line("2026-12-02T15:00:02.000000Z", unseen),
+                line("2026-12-02T15:00:03.000000Z", budget),
+                line("2026-12-02T15:00:04.000000Z", "dirty pages 6500 >= threshold 6403"),
+                line("2026-12-02T15:00:04.500000Z", "checkpoint at 1 (guest paused 9 ms)", "x"),
+                "not json at all",
+                line("2026-12-02T15:00:09.000000Z", budget),  # after it
+            ]
+        )
+        + "\n"
+    )
+    start = datetime.fromisoformat("2026-12-02T15:00:01+00:00").timestamp()
+    counts = request_reasons(log, start, start + 5.0)
+    assert counts == {"unseen-batch": 2, "budget": 1, "threshold": 1}, counts
+    assert reason_kind("something new") == "other"
+    with pytest.raises(LabError, match="cannot read the ftd log"):
+        request_reasons(tmp_path / "missing.log", start, start + 1)
+
+
 @pytest.mark.real
 @pytest.mark.timeout(900)
 def test_quick_benchmark_reports_every_policy_per_workload() -> None:
@@ -116,7 +154,7 @@ def test_quick_benchmark_reports_every_policy_per_workload() -> None:
     assert lines, f"no output; stderr:\n{r.stderr[-4000:]}"
     out = json.loads(lines[-1])
     assert r.returncode == 0 and "error" not in out, f"{out}\n{r.stderr[-4000:]}"
-    assert out["quick"] is True
+    assert out["quick"] is True and out["max_interval_ms"] == 20_000, out
     for workload in ("steady", "bursty"):
         for policy in POLICIES:
             run = out[workload][policy]
@@ -128,6 +166,11 @@ def test_quick_benchmark_reports_every_policy_per_workload() -> None:
             assert run["work_done"] > 0 and run["bytes_sent"] > 0, run
         fixed = out[workload]["fixed"]
         assert fixed["tried"] and fixed["params"]["policy"] == "fixed", fixed
+        # QEMU's timer takes a fixed interval's checkpoints: ftd requests none.
+        assert fixed["requested"] == {}, fixed
+    # On a steady writer the adaptive rules fire before the 20 s maximum interval.
+    assert sum(out["steady"]["pause-budget"]["requested"].values()) >= 1, out["steady"]
+    assert out["steady"]["dirty-threshold"]["requested"].get("threshold", 0) >= 1, out["steady"]
     ratio = out["best_adaptive_vs_fixed_pause_ratio"]
     assert set(ratio) == {"steady", "bursty", "max"}, ratio
     assert all(v is None or v > 0 for v in ratio.values()), ratio
