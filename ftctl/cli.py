@@ -299,7 +299,7 @@ def cmd_status(client: ControlClient, as_json: bool) -> int:
         return 0
     print(render(VM_HEADERS, [vm_row(vm) for vm in vms]))
     for vm in vms:
-        print(policy_line(vm))
+        print(cold_line(vm) if vm.get("standby") == "cold" else policy_line(vm))
         if vm.get("sync"):
             print(f"{vm['name']}: {sync_line(vm['sync'])}")
         if vm.get("last_resync"):
@@ -382,6 +382,16 @@ def vm_row(vm: dict[str, Any]) -> list[object]:
         f"{age:.1f}s" if age is not None else None,
         vm.get("reason", ""),
     ]
+
+
+def cold_line(vm: dict[str, Any]) -> str:
+    """A cold standby's replication (no checkpoints, no policy) in one line."""
+    rep = vm.get("replication")
+    if rep is None:
+        held = "the replica of its disk" if vm.get("role") == "secondary" else "no primary"
+        return f"{vm['name']}: cold standby, no checkpoints: this host holds {held}"
+    state = "in step" if rep.get("in_step") else "NOT in step"
+    return f"{vm['name']}: cold standby, no checkpoints: replication {state} ({rep['reason']})"
 
 
 def policy_line(vm: dict[str, Any]) -> str:

@@ -47,6 +47,8 @@ class VmPlan:
         default_factory=lambda: {"policy": "fixed", "interval_ms": 2000}
     )
     ip_octet: int = 100
+    #: ``hot`` (COLO) or ``cold`` (a replicated disk, the guest restarted on failure).
+    standby: str = "hot"
 
 
 def host_dirs(lab: Lab, host: str) -> tuple[Path, Path]:
@@ -126,6 +128,7 @@ def cluster_config(
                 "nics": [{"mac": f"52:54:00:88:{lab.index:02x}:{i + 1:02x}", "bridge": "br0"}],
                 "ports": {"base": 20000 + 16 * i},
                 "checkpoint": dict(vm.checkpoint),
+                "standby": vm.standby,
             }
         )
     return doc
@@ -408,9 +411,10 @@ class LabCluster:
     ) -> tuple[str, str]:
         """Wait until VM ``name`` is protected with both copies in step, wherever its primary
         is now; returns (primary host, secondary host). The primary must also have completed
-        a checkpoint after ``checkpoint_after`` (a ``time.time()``; default: this call's
-        start): the proof that the pair works, where a status read just after a fault may
-        still say "protected" because ftd has not noticed it yet. Raises LabError with both
+        a checkpoint (a cold standby: a replication check in step) after ``checkpoint_after``
+        (a ``time.time()``; default: this call's start): the proof that the pair works,
+        where a status read just after a fault may still say "protected" because ftd has not
+        noticed it yet. Raises LabError with both
         hosts' status and log tails on timeout."""
         if checkpoint_after is None:
             checkpoint_after = time.time()
@@ -426,7 +430,9 @@ class LabCluster:
                 except LabError:
                     both = ("", "")
                     pst = {}
-                age = (pst.get("checkpoints") or {}).get("age_s")
+                # A cold standby has no checkpoints: its replication checked in step instead.
+                live = pst.get("replication") or pst.get("checkpoints") or {}
+                age = live.get("age_s")
                 # age_s is rounded to 0.1 s: a checkpoint counts when surely after.
                 fresh = isinstance(age, int | float) and asked - age > checkpoint_after + 0.1
                 if both == ("protected", "protected") and fresh:

@@ -2,8 +2,10 @@
 
 A thread samples every host's QEMU of a VM through its observer QMP socket (``observe.sock``,
 a second monitor, so ftd's own session is untouched) every 50 ms: ``query-status`` and
-``query-colo-status``. A copy counts as a running primary when it runs and is not a COLO
-secondary. Two at once in one round is a violation.
+``query-colo-status`` (and once per connection ``query-cpus-fast``). A copy counts as a
+running primary when it runs, is not a COLO secondary and has a guest: a cold standby's
+replica (``-machine none``, no vCPU) "runs" but only exports the disk. Two at once in one round
+is a violation.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ class Sample:
     host: str
     status: str
     colo_mode: str
+    #: Whether the QEMU has vCPUs (a guest); a cold standby's replica has none.
+    guest: bool = True
 
     @property
     def running_primary(self) -> bool:
-        return self.status == "running" and self.colo_mode != "secondary"
+        return self.status == "running" and self.colo_mode != "secondary" and self.guest
 
 
 class _Qmp:
@@ -54,12 +58,15 @@ class _Qmp:
         return msg
 
     def call(self, cmd: str) -> dict[str, object]:
+        ret = self.call_any(cmd)
+        return ret if isinstance(ret, dict) else {}
+
+    def call_any(self, cmd: str) -> object:
         self.sock.sendall(json.dumps({"execute": cmd}).encode() + b"\n")
         while True:
             msg = self._line()
             if "return" in msg:
-                ret = msg["return"]
-                return ret if isinstance(ret, dict) else {}
+                return msg["return"]
             if "error" in msg:
                 raise OSError(f"{cmd}: {msg['error']}")
 
@@ -78,6 +85,8 @@ class PrimarySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="primary-sampler", daemon=True)
         self._conns: dict[str, _Qmp] = {}
+        # Per host, whether the QEMU behind its current connection has a guest.
+        self._guest: dict[str, bool] = {}
 
     def __enter__(self) -> PrimarySampler:
         self._thread.start()
@@ -99,9 +108,17 @@ class PrimarySampler:
                 if not path.exists():
                     return None
                 conn = self._conns[host] = _Qmp(path)
+                cpus = conn.call_any("query-cpus-fast")
+                self._guest[host] = isinstance(cpus, list) and len(cpus) > 0
             st = conn.call("query-status")
             colo = conn.call("query-colo-status")
-            return Sample(time.monotonic(), host, str(st.get("status")), str(colo.get("mode")))
+            return Sample(
+                time.monotonic(),
+                host,
+                str(st.get("status")),
+                str(colo.get("mode")),
+                self._guest.get(host, True),
+            )
         except (OSError, ValueError):
             old = self._conns.pop(host, None)
             if old is not None:

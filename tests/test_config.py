@@ -127,16 +127,17 @@ def test_lab_example_is_the_lab() -> None:
     assert cfg.control.socket == cfg.paths.run_dir / "ftd.sock"
 
 
-def test_three_host_example_has_groups_tls_and_fencing() -> None:
+def test_three_host_example_has_groups_tls_fencing_and_a_cold_standby() -> None:
     cfg = load_config(CONFIGS / "cluster-3host-groups.yaml", host="node2", env={})
     assert sum(h.role == "vm-host" for h in cfg.cluster.hosts) == 3
-    assert len(cfg.vms) == 4 and len(cfg.groups) == 2
+    assert len(cfg.vms) == 5 and len(cfg.groups) == 2
+    assert [vm.name for vm in cfg.vms if vm.standby == "cold"] == ["reports"]
     assert len({g.policy for g in cfg.groups}) == 2
     assert all(b.tls for b in cfg.bus.brokers) and cfg.bus.tls is not None
     fences = [h.fence for h in cfg.cluster.hosts if h.role == "vm-host"]
     assert all(f.agent == "command" and f.command for f in fences)
     assert cfg.group_of("db") is not None and cfg.group_of("db") == cfg.group_of("queue")
-    assert {vm.name for vm in cfg.vms_on("node2")} == {"web1", "web2"}
+    assert {vm.name for vm in cfg.vms_on("node2")} == {"web1", "web2", "reports"}
 
 
 def test_the_base_fixture_is_valid() -> None:
@@ -443,12 +444,17 @@ BROKEN: list[tuple[str, list[tuple[str, object]], dict[str, str]]] = [
     (
         "rollback with a cold member",
         [("groups[0].policy", "rollback"), ("vms[1].standby", "cold")],
-        {
-            "groups[0].members[1]": "policy rollback needs every member hot",
-            "vms[1].standby": "not available in this release",
-        },
+        {"groups[0].members[1]": "policy rollback needs every member hot"},
     ),
-    ("cold standby", [("vms[0].standby", "cold")], {"vms[0].standby": "use standby: hot"}),
+    (
+        "cold standby of a libvirt domain",
+        [
+            ("vms[0].standby", "cold"),
+            ("vms[0].boot", DELETE),
+            ("vms[0].libvirt", {"uri": "x", "domain": "d", "qmp_socket": "/q"}),
+        ],
+        {"vms[0].standby": "cold standby needs a VM ftd launches (boot), not a libvirt domain"},
+    ),
     (
         "epoch timeout not below the interval",
         [("groups[0].epoch_timeout_ms", 5000)],
@@ -526,6 +532,7 @@ VALID_VARIANTS: list[tuple[str, list[tuple[str, object]]]] = [
         ],
     ),
     ("no nics, no groups", [("vms[0].nics", []), ("groups", [])]),
+    ("cold standby", [("vms[0].standby", "cold"), ("vms[1].standby", "hot")]),
     (
         "IPv6 and DNS addresses",
         [("cluster.hosts[0].address", "fd00::1"), ("cluster.hosts[1].address", "b.example")],

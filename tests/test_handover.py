@@ -44,6 +44,13 @@ def test_refusals_name_the_reason(
     assert expected in problem, problem
 
 
+def test_a_cold_standby_is_refused_and_pointed_at_failover() -> None:
+    problem = switchover_problem(view(), "vm1", "a", None, None, standby="cold")
+    assert problem is not None and "vm1 is a cold standby" in problem, problem
+    assert problem.endswith("ftctl failover vm1"), problem
+    assert switchover_problem(view(), "vm1", "a", None, None, standby="hot") is None
+
+
 def test_result_json_rounds_and_names_the_method() -> None:
     r = SwitchoverResult("vm1", "a", "b", "colo-role-swap", 12.345, 6.789, 9.01, None, "why")
     assert r.to_json() == {

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from ftd.errors import QemuError
-from ftd.qemu.cmdline import TRACE_EVENTS, primary_argv, secondary_argv
+from ftd.qemu.cmdline import TRACE_EVENTS, primary_argv, replica_argv, secondary_argv
 from ftd.qemu.runtime import QemuRuntime
 from ftd.qemu.spec import MAX_NICS, Nic, QemuVmSpec
 
@@ -200,6 +200,7 @@ def test_ports_follow_the_documented_map() -> None:
         ("port_base", 80, "port_base"),
         ("port_base", 65530, "port_base"),
         ("disk_size_mib", 0, "disk_size_mib"),
+        ("standby", "warm", "standby 'warm' is not 'hot' or 'cold'"),
     ],
 )
 def test_bad_values_are_refused_with_a_clear_message(field: str, value: Any, message: str) -> None:
@@ -216,3 +217,40 @@ def test_spec_is_frozen() -> None:
     spec = make_spec()
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.name = "other"  # type: ignore[misc]
+
+
+def test_cold_primary_is_plain_disk_and_taps_without_the_colo_chain() -> None:
+    spec = make_spec(standby="cold")
+    argv = primary_argv(spec, RUNTIME)
+    (drive,) = options(argv, "-drive")
+    assert kv(drive) == {
+        "if": "virtio",
+        "id": "colo-disk0",
+        "driver": "raw",
+        "file.filename": "/var/lib/ftd/web1.raw",
+    }
+    assert [kv(n)["_"] for n in options(argv, "-netdev")] == ["tap", "tap"]
+    # Nothing compares or mirrors its packets, and it waits for no migration.
+    assert options(argv, "-object") == [] and options(argv, "-chardev") == []
+    assert "-incoming" not in argv and options(argv, "-machine") == ["pc"]
+
+
+def test_cold_replica_runs_no_guest_and_only_holds_the_disk() -> None:
+    spec = make_spec(standby="cold")
+    argv = secondary_argv(spec, RUNTIME)
+    assert argv == replica_argv(spec, RUNTIME)
+    assert options(argv, "-machine") == ["none"]
+    (drive,) = options(argv, "-drive")
+    assert kv(drive) == {
+        "if": "none",
+        "id": "parent0",
+        "driver": "raw",
+        "file.filename": "/var/lib/ftd/web1.raw",
+    }
+    for absent in ("-netdev", "-device", "-kernel", "-incoming", "-accel", "-m", "-object"):
+        assert absent not in argv, absent
+    assert options(argv, "-qmp") == [
+        "unix:/run/ftd/web1/qmp.sock,server=on,wait=off",
+        "unix:/run/ftd/web1/observe.sock,server=on,wait=off",
+    ]
+    assert options(argv, "-pidfile") == ["/run/ftd/web1/qemu.pid"]

@@ -8,7 +8,7 @@ import pytest
 from ftctl.cli import recovery_line
 from ftd.cluster.fencing import LeaseTiming
 from ftd.config.schema import Cluster, Fence, Host
-from ftd.vm.recovery import NOMINAL_TAKEOVER_S, expected_recovery
+from ftd.vm.recovery import NOMINAL_COLD_TAKEOVER_S, NOMINAL_TAKEOVER_S, expected_recovery
 
 CLUSTER = Cluster(
     name="lab",
@@ -57,3 +57,20 @@ def test_status_line() -> None:
     ), line
     r = expected_recovery(CLUSTER, "a", Fence(agent="none"), 0.25).as_json()
     assert "host loss no bound (no fence agent)" in recovery_line(r)
+
+
+def test_a_cold_standby_restarts_from_the_replicated_disk() -> None:
+    r = expected_recovery(CLUSTER, "a", Fence(agent="self"), None, "cold")
+    assert r.standby == "cold" and r.qemu_exit_s == NOMINAL_COLD_TAKEOVER_S
+    wait = LeaseTiming.from_cluster(CLUSTER).takeover_after_s
+    assert r.host_loss_s == pytest.approx(wait + NOMINAL_COLD_TAKEOVER_S)
+    assert r.reason.startswith(
+        f"restart from the replicated disk ~{NOMINAL_COLD_TAKEOVER_S:g}s (none measured here "
+        "yet), then the guest's own boot (not counted); host loss: "
+    ), r.reason
+    measured = expected_recovery(CLUSTER, "a", Fence(agent="self"), 1.2, "cold")
+    assert measured.qemu_exit_s == 1.2
+    assert "restart from the replicated disk 1.20s as last measured here" in measured.reason
+    assert recovery_line(measured.as_json()).startswith(
+        "cold standby, expected recovery: QEMU crash ~1.2s"
+    )

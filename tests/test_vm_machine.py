@@ -239,6 +239,47 @@ def test_pairing_steps_to_protected() -> None:
     assert entered.reason == "COLO running with b: VM protected"
 
 
+def test_cold_standby_pairing_names_the_replication() -> None:
+    resync = dataclasses.replace(
+        view(State.SYNCING, pairing=1), sync=SyncStatus(SyncStep.RESYNC, 0, 10)
+    )
+    done = decide(resync, ResyncDone("cold"), 0.0)
+    assert done.actions == (StartColo("b"),)
+    assert done.reason == (
+        "disk in step with b: starting the synchronous replication (cold standby)"
+    )
+    entered = decide(done.view, ColoEntered("cold"), 3.0)
+    assert entered.view.state is State.PROTECTED and kinds(entered) == ["PublishState"]
+    assert entered.reason == "disk replicated synchronously to b (cold standby): VM protected"
+    sec = decide(view(State.SYNCING, S, peer="a"), ColoEntered("cold"), 0.0)
+    assert sec.view.state is State.PROTECTED
+    assert sec.reason == "cold standby: this host holds the replicated disk of a's VM"
+
+
+def test_a_cold_takeover_says_it_restarts_the_guest() -> None:
+    sec = dataclasses.replace(view(State.PROTECTED, S, peer="a"), cold=True)
+    d = decide(sec, PeerQemuLost(sec.epoch), 0.0)
+    assert kinds(d) == ["PublishState", "FailoverToSelf", "Alert"], d
+    assert d.reason == (
+        "a reports its QEMU gone; secondary takes over by restarting the guest from its "
+        "replicated disk"
+    )
+    pri = dataclasses.replace(view(State.PROTECTED), cold=True)
+    exited = decide(pri, LocalQemuExited(code=-9), 0.0)
+    assert "b takes over by restarting the guest from its replicated disk" in exited.reason
+
+
+def test_broken_replication_drops_the_replica_with_its_cause() -> None:
+    v = view(State.PROTECTED, pairing=1)
+    cause = "replication to b broken (replica write failed (io-status failed))"
+    d = decide(v, ProtectTimedOut(armed_at=30.0, cause=cause), 30.0)
+    assert kinds(d) == ["PublishState", "DropSecondary", "Alert"]
+    assert d.view.state is State.RUNNING_UNPROTECTED
+    assert d.reason == f"{cause}: secondary b dropped, the guest runs on unprotected"
+    nq = decide(dataclasses.replace(v, quorum=False), ProtectTimedOut(30.0, cause), 30.0)
+    assert nq.actions == () and nq.reason == f"{cause} but no quorum: waiting"
+
+
 def test_stale_secondary_ready_is_ignored() -> None:
     v = view(State.REPROTECTING, pairing=4)
     d = decide(v, SecondaryReady(E(0, 3)), 0.0)
@@ -630,13 +671,13 @@ NON_REQUEST_EVENTS: st.SearchStrategy[Event] = st.one_of(
     st.just(LocalQemuStarted()),
     st.builds(LocalQemuExited, st.integers(-9, 255)),
     st.just(QmpLost()),
-    st.just(ColoEntered()),
+    st.builds(ColoEntered, st.sampled_from(["hot", "cold"])),
     st.builds(CheckpointDone, st.floats(0, 100), st.floats(0, 1000)),
     st.builds(ColoExit, st.sampled_from(["error", "request"])),
     st.builds(ResyncProgress, st.integers(0, 10), st.integers(0, 10)),
-    st.just(ResyncDone()),
+    st.builds(ResyncDone, st.sampled_from(["hot", "cold"])),
     st.just(FailoverDone()),
-    st.builds(ProtectTimedOut, st.floats(0, 100)),
+    st.builds(ProtectTimedOut, st.floats(0, 100), st.none() | st.just("replication broken")),
     st.builds(QuorumChanged, st.booleans()),
     st.builds(PeerLost, st.just("test"), st.booleans(), st.booleans()),
     st.builds(PeerQemuLost, EPOCHS),

@@ -549,11 +549,11 @@ def _vm_uniqueness(cfg: Any, out: _Issues) -> None:
     ports: dict[str, list[tuple[int, int, str]]] = {}
     disks: dict[tuple[str, Path], int] = {}
     for i, vm in enumerate(cfg.vms):
-        if _ok(vm.standby) and vm.standby == "cold":
+        if _ok(vm.standby, vm.libvirt) and vm.standby == "cold" and vm.libvirt is not None:
             out.add(
                 _at("vms", i, "standby"),
-                "cold standby (a replicated disk, restart on failure) is not available in this "
-                "release; use standby: hot (a live COLO secondary)",
+                "cold standby needs a VM ftd launches (boot), not a libvirt domain: ftd "
+                "restarts the guest from the replicated disk itself",
             )
         if _ok(vm.name):
             if vm.name in names:

@@ -590,8 +590,9 @@ class Vm:
     standby: Standby = field(
         default="hot",
         metadata=doc(
-            "hot: a live COLO secondary; cold (a replicated disk, restart on failure) is "
-            "refused: not available in this release"
+            "hot: a live COLO secondary, the guest continues on failure; cold: the disk "
+            "replicated synchronously to the secondary's host, the guest restarted there on "
+            "failure (less cost, longer recovery; not for libvirt domains nor rollback groups)"
         ),
     )
     memory_mib: int = field(metadata=doc("guest memory", lo=64, hi=1048576))

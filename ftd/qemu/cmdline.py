@@ -9,6 +9,10 @@ Layout follows shared/COLO.md and QEMU's docs/system/qemu-colo.rst:
   secondary mode over active/hidden qcow2 overlays, topped by the same quorum id; per NIC two
   filter-redirectors and a filter-rewriter.
 
+A cold-standby VM (``spec.standby == "cold"``, :mod:`ftd.qemu.cold`) has a plain primary (the
+raw image as ``colo-disk0``, tap NICs with no chain) and, in place of the secondary, a
+*replica*: no guest (``-machine none``), only the disk as node ``parent0`` for its NBD export.
+
 Every value reaching the argv was validated by :class:`~ftd.qemu.spec.QemuVmSpec`.
 """
 
@@ -153,8 +157,12 @@ def _object_option(obj: dict[str, str]) -> str:
 
 
 def primary_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
-    """The argv starting ``spec`` as a COLO primary (not yet protected)."""
+    """The argv starting ``spec`` as a COLO primary (not yet protected), or as a cold
+    standby's plain primary."""
     args = _common(spec, "primary")
+    if spec.cold:
+        args += ["-drive", f"if=virtio,id={DISK_ID},driver=raw,file.filename={spec.disk_path}"]
+        return runtime.argv("qemu-system-x86_64", *args)
     args += [
         "-drive",
         f"if=virtio,id={DISK_ID},driver=quorum,read-pattern=fifo,vote-threshold=1,"
@@ -168,8 +176,37 @@ def primary_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
     return runtime.argv("qemu-system-x86_64", *args)
 
 
+def replica_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
+    """The argv of a cold standby's replica: no guest, the VM's disk as node ``parent0``."""
+    args = [
+        "-name",
+        f"{spec.name}-replica,debug-threads=on",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-machine",
+        "none",
+        "-qmp",
+        f"unix:{spec.qmp_socket},server=on,wait=off",
+        "-qmp",
+        f"unix:{spec.observer_socket},server=on,wait=off",
+        "-pidfile",
+        str(spec.pidfile),
+        "-msg",
+        "timestamp=on",
+        "-D",
+        str(spec.trace_log),
+        "-drive",
+        f"if=none,id={PARENT_ID},driver=raw,file.filename={spec.disk_path}",
+    ]
+    return runtime.argv("qemu-system-x86_64", *args)
+
+
 def secondary_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
-    """The argv starting ``spec`` as a COLO secondary waiting for the primary's migration."""
+    """The argv starting ``spec`` as a COLO secondary waiting for the primary's migration (for
+    a cold standby: its replica, :func:`replica_argv`)."""
+    if spec.cold:
+        return replica_argv(spec, runtime)
     args = _common(spec, "secondary")
     args += [
         "-drive",

@@ -63,9 +63,10 @@ async def create_image(runtime: QemuRuntime, path: Path, size_mib: int, fmt: str
 async def prepare_disks(spec: QemuVmSpec, role: str, runtime: QemuRuntime) -> None:
     """Make the images a launch in ``role`` needs.
 
-    The base image is created (raw, ``disk_size_mib``) only if missing; a secondary always
+    The base image is created (raw, ``disk_size_mib``) only if missing; a COLO secondary always
     gets fresh, empty active/hidden overlays of the same size (stale ones would replay an old
-    COLO epoch). Raises QemuError if the base has another size or qemu-img fails.
+    COLO epoch); a cold standby's replica needs none. Raises QemuError if the base has another
+    size or qemu-img fails.
     """
     _check_role(role)
     size = spec.disk_size_mib * 1024 * 1024
@@ -77,7 +78,7 @@ async def prepare_disks(spec: QemuVmSpec, role: str, runtime: QemuRuntime) -> No
             f"vm {spec.name}: disk {spec.disk_path} is {spec.disk_path.stat().st_size} bytes, "
             f"the spec says {size} (COLO needs the same size on both sides)"
         )
-    if role == "secondary":
+    if role == "secondary" and not spec.cold:
         spec.overlay_dir.mkdir(parents=True, exist_ok=True)
         for overlay in (spec.active_overlay, spec.hidden_overlay):
             await create_image(runtime, overlay, spec.disk_size_mib, "qcow2")
@@ -174,7 +175,9 @@ class QemuProcess:
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in (spec.qmp_socket, spec.pidfile):
             stale.unlink(missing_ok=True)
-        taps = await create_taps(spec, role, exec_prefix)
+        # A cold standby's replica runs no guest: it has no NICs to connect.
+        replica = role == "secondary" and spec.cold
+        taps = [] if replica else await create_taps(spec, role, exec_prefix)
         argv = [
             *exec_prefix,
             *(primary_argv if role == "primary" else secondary_argv)(spec, runtime),

@@ -28,6 +28,7 @@ from ftd.errors import QemuError
 
 MAX_NICS = 3
 PORTS_PER_VM = 2 + 2 * MAX_NICS
+STANDBY_KINDS = ("hot", "cold")
 # A unix socket path must fit sun_path (108 bytes with its NUL).
 _MAX_SOCKET_PATH = 107
 
@@ -152,9 +153,14 @@ class QemuVmSpec:
     local_address: str
     peer_address: str
     port_base: int
+    #: ``hot``: a COLO secondary; ``cold``: a replica exporting the disk, the guest restarted
+    #: from it on failure (:mod:`ftd.qemu.cold`).
+    standby: str = "hot"
 
     def __post_init__(self) -> None:
         _check_name(self.name)
+        if self.standby not in STANDBY_KINDS:
+            raise QemuError(f"vm {self.name}: standby {self.standby!r} is not 'hot' or 'cold'")
         if not 16 <= self.memory_mib <= 1 << 22:
             raise QemuError(f"vm {self.name}: memory_mib {self.memory_mib} is out of 16..4194304")
         if not 1 <= self.vcpus <= 64:
@@ -275,6 +281,10 @@ class QemuVmSpec:
         # Interface names are at most 15 characters: keep a short, stable digest of the name.
         digest = _short_hash(self.name)
         return f"ft{digest}{nic}{role[0]}"
+
+    @property
+    def cold(self) -> bool:
+        return self.standby == "cold"
 
     def nic_ids(self) -> tuple[NicIds, ...]:
         """The QEMU ids of each NIC's chain, in NIC order."""

@@ -38,13 +38,26 @@ GROUP_BOUND_POLICIES = ("failover-all", "rollback")
 
 
 def switchover_problem(
-    view: VmView, vm: str, host: str, to: str | None, group: tuple[str, str] | None
+    view: VmView,
+    vm: str,
+    host: str,
+    to: str | None,
+    group: tuple[str, str] | None,
+    *,
+    standby: str = "hot",
 ) -> str | None:
     """Why ``vm`` cannot be switched over from ``host`` now (None: it can).
 
     ``to`` is the host the operator asked for (None: the secondary's host); ``group`` is the
-    VM's (group name, policy) when it is a member of a group moved as one, else None.
+    VM's (group name, policy) when it is a member of a group moved as one, else None;
+    ``standby`` the VM's kind of standby (a cold one has no live copy to hand the guest to).
     """
+    if standby == "cold":
+        return (
+            f"switchover refused: {vm} is a cold standby (a replicated disk, no live copy to "
+            "hand the running guest to); moving it restarts the guest on the other host: "
+            f"ftctl failover {vm}"
+        )
     if view.role is Role.SECONDARY:
         return (
             f"switchover refused: {host} holds {vm}'s secondary; run it on the primary "
@@ -160,7 +173,7 @@ async def switch_over(
     failover handling goes on) or protection does not return within ``protected_timeout_s``.
     """
     name = runner.vm.name
-    problem = switchover_problem(runner.view, name, host, to, group)
+    problem = switchover_problem(runner.view, name, host, to, group, standby=runner.vm.standby)
     if problem is not None:
         raise RequestError(problem)
     peer = runner.view.peer

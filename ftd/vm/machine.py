@@ -246,6 +246,9 @@ class VmView:
     paused: bool = False
     quorum: bool = False
     since: float = 0.0
+    #: A cold standby (a replicated disk, the guest restarted on failure): the same states and
+    #: rules, other words for what a takeover does.
+    cold: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, State):
@@ -337,7 +340,11 @@ class QmpLost:
 
 @dataclass(frozen=True)
 class ColoEntered:
-    """The local QEMU reports COLO running (migration status ``colo``)."""
+    """The local QEMU reports COLO running (migration status ``colo``); for a ``cold``
+    standby: the disk replication is in step (on the primary, its mirror job ready; on the
+    secondary, the primary says it is protected)."""
+
+    standby: str = "hot"
 
 
 @dataclass(frozen=True)
@@ -379,7 +386,10 @@ class ResyncProgress:
 
 @dataclass(frozen=True)
 class ResyncDone:
-    """The disk resync to the new secondary has converged."""
+    """The disk resync to the new secondary has converged (``cold``: to the replica, whose
+    synchronous replication starts next)."""
+
+    standby: str = "hot"
 
 
 @dataclass(frozen=True)
@@ -390,9 +400,11 @@ class FailoverDone:
 @dataclass(frozen=True)
 class ProtectTimedOut:
     """No checkpoint since ``armed_at`` within the expected time: the protect step did not
-    finish, or COLO is wedged (the known start wedge) or stalled."""
+    finish, or COLO is wedged (the known start wedge) or stalled.  ``cause``, when given, is
+    what failed instead (a cold standby's replication, which has no checkpoints)."""
 
     armed_at: float
+    cause: str | None = None
 
 
 @dataclass(frozen=True)
@@ -839,8 +851,8 @@ def _on_failover(view: VmView, event: FailoverRequested, now: float) -> Decision
     match view.state:
         case State.PROTECTED:
             reason = (
-                f"{what} requested by {who}: primary paused; {view.peer} takes over from "
-                "the last checkpoint, then this copy is discarded"
+                f"{what} requested by {who}: primary paused; {view.peer} takes over "
+                f"{_from_copy(view)}, then this copy is discarded"
             )
             # Pause, then announce: the secondary runs only once this copy is still.
             return _move(
@@ -895,7 +907,7 @@ def _on_local_exited(view: VmView, event: LocalQemuExited, now: float) -> Decisi
     if view.role is Role.PRIMARY:
         held_by_peer = view.state is State.PROTECTED or view.paused
         tail = (
-            f"{_peer(view)} takes over from the last checkpoint"
+            f"{_peer(view)} takes over {_from_copy(view)}"
             if held_by_peer
             else "no secondary holds the VM: it is down"
         )
@@ -939,7 +951,11 @@ def _on_colo_entered(view: VmView, event: ColoEntered, now: float) -> Decision:
         and view.sync is not None
         and view.sync.step is SyncStep.COLO
     ):
-        reason = f"COLO running with {view.peer}: VM protected"
+        reason = (
+            f"disk replicated synchronously to {view.peer} (cold standby): VM protected"
+            if event.standby == "cold"
+            else f"COLO running with {view.peer}: VM protected"
+        )
         return _move(
             view,
             now,
@@ -950,7 +966,11 @@ def _on_colo_entered(view: VmView, event: ColoEntered, now: float) -> Decision:
             last_checkpoint_at=None,
         )
     if view.role is Role.SECONDARY and view.state is State.SYNCING:
-        reason = f"COLO running: this host holds the secondary of {view.peer}"
+        reason = (
+            f"cold standby: this host holds the replicated disk of {view.peer}'s VM"
+            if event.standby == "cold"
+            else f"COLO running: this host holds the secondary of {view.peer}"
+        )
         return _move(view, now, reason, (PublishState(),), state=State.PROTECTED)
     return _ignore(view, event, f"no COLO start pending ({view.role} {view.state})")
 
@@ -991,7 +1011,11 @@ def _on_resync_done(view: VmView, event: ResyncDone, now: float) -> Decision:
     if view.sync is None or view.sync.step is not SyncStep.RESYNC or view.peer is None:
         return _ignore(view, event, "no disk resync running")
     total = view.sync.total
-    reason = f"disk in step with {view.peer}: starting COLO (RAM sync)"
+    reason = (
+        f"disk in step with {view.peer}: starting the synchronous replication (cold standby)"
+        if event.standby == "cold"
+        else f"disk in step with {view.peer}: starting COLO (RAM sync)"
+    )
     return _move(
         view,
         now,
@@ -1028,6 +1052,15 @@ def _on_timeout(view: VmView, event: ProtectTimedOut, now: float) -> Decision:
             view,
             event,
             f"a checkpoint came at {view.last_checkpoint_at:.3f}, after the watchdog was armed",
+        )
+    if event.cause is not None:
+        if not view.quorum:
+            return _wait(view, f"{event.cause} but no quorum: waiting")
+        return _abandon(
+            view,
+            now,
+            DropSecondary(),
+            f"{event.cause}: secondary {view.peer} dropped, the guest runs on unprotected",
         )
     if not view.quorum:
         return _wait(view, "no checkpoint in time (COLO stalled) but no quorum: waiting")
@@ -1102,11 +1135,20 @@ def _on_peer_lost(view: VmView, event: PeerLost, now: float) -> Decision:
     return _ignore(view, event, f"nothing here depends on the peer ({view.role} {view.state})")
 
 
+def _from_copy(view: VmView) -> str:
+    """How the standby takes over: resuming its checkpoint, or restarting from its disk."""
+    return (
+        "by restarting the guest from its replicated disk"
+        if view.cold
+        else ("from the last checkpoint")
+    )
+
+
 def _peer_copy_gone(view: VmView, event: Event, now: float, what: str) -> Decision:
     """The peer's QEMU at our epoch is gone, by its own ftd's account."""
     if view.role is Role.SECONDARY:
         if view.state is State.PROTECTED:
-            return _take_over(view, now, f"{what}; secondary takes over from the last checkpoint")
+            return _take_over(view, now, f"{what}; secondary takes over {_from_copy(view)}")
         if view.state in (State.STARTING, State.SYNCING):
             return _discard(
                 view,

@@ -49,7 +49,7 @@ from ftd.control.events import EventLog
 from ftd.daemon.state import read_json, write_json_atomic
 from ftd.errors import ConfigError, FtError, QemuError, RequestError, StateError
 from ftd.log import get_logger
-from ftd.qemu import colo, resync, trace
+from ftd.qemu import cold, colo, resync, trace
 from ftd.qemu.process import QemuProcess, prepare_disks
 from ftd.qemu.qmp import QmpSession
 from ftd.qemu.runtime import QemuRuntime
@@ -99,6 +99,10 @@ STREAM_LOST_MARK = "Can't receive COLO message"
 # periods, and at least a few seconds beyond one period (a checkpoint itself takes time).
 PAUSE_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TCG_BOOT_SETTLE_S = 20.0
+#: A cold standby's replication is checked this often (s) while protected, and shows as in
+#: step for this long after its last good check.
+REPLICATION_CHECK_S = 0.5
+REPLICATION_FRESH_S = 3.0
 WEDGE_PERIODS = 5
 WEDGE_SLACK_S = 5.0
 # States from which COLO entry leads to PROTECTED (the checkpoint driver waits through them).
@@ -128,14 +132,16 @@ def spec_for(cfg: Config, vm: Vm, host: str) -> QemuVmSpec:
         local_address=addr[host],
         peer_address=addr[peer],
         port_base=vm.ports.base,
+        standby=vm.standby,
     )
 
 
 def initial_view(vm: Vm, host: str) -> VmView:
     """The view of a VM this host has never run: stopped, in its configured role."""
+    cold = vm.standby == "cold"
     if host == vm.primary:
-        return VmView(role=Role.PRIMARY, peer=vm.secondary, reason="configured primary")
-    return VmView(role=Role.SECONDARY, peer=vm.primary, reason="configured secondary")
+        return VmView(role=Role.PRIMARY, peer=vm.secondary, reason="configured primary", cold=cold)
+    return VmView(role=Role.SECONDARY, peer=vm.primary, reason="configured secondary", cold=cold)
 
 
 def view_to_json(view: VmView) -> dict[str, Any]:
@@ -166,6 +172,7 @@ def view_from_json(d: Any) -> VmView:
             paused=bool(d.get("paused", False)),
             quorum=False,
             since=float(d.get("since", 0.0)),
+            cold=bool(d.get("cold", False)),
         )
     except (KeyError, ValueError, TypeError) as err:
         raise StateError(f"vm state is damaged: {err!r}") from err
@@ -296,6 +303,14 @@ class VmRunner:
         self._digest: tuple[VmEpoch, resync.Digest] | None = None
         self._peer_digest: tuple[VmEpoch, resync.Digest] | None = None
         self.last_resync: dict[str, Any] | None = None
+        # Cold standby: when the primary's replication was last seen in step, and why not.
+        self._replication_ok_at: float | None = None
+        self.replication_reason = ""
+
+    @property
+    def cold(self) -> bool:
+        """A cold standby (a replicated disk, the guest restarted on failure), not COLO."""
+        return self.vm.standby == "cold"
 
     # --- the loop ------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -383,6 +398,23 @@ class VmRunner:
         if changed and self.peer_last is not None:
             # The machine is level-triggered: the peer's last state may apply now.
             self.queue.put_nowait(self.peer_last)
+        if self._cold_replica_in_step():
+            self.queue.put_nowait(ColoEntered(standby="cold"))
+
+    def _cold_replica_in_step(self) -> bool:
+        """A cold standby's replica learns that it is in step from its primary: no COLO runs
+        on it to say so. True when this host's replica is syncing and the peer, at the same
+        epoch, reports itself the protected primary."""
+        v, peer = self.view, self.peer_last
+        return (
+            self.cold
+            and v.role is Role.SECONDARY
+            and v.state is State.SYNCING
+            and peer is not None
+            and peer.role is Role.PRIMARY
+            and peer.state is State.PROTECTED
+            and peer.epoch == v.epoch
+        )
 
     def _local_alive(self) -> bool:
         return self._killing or (self.proc is not None and not self.proc.exiting())
@@ -430,7 +462,7 @@ class VmRunner:
         return self.qmp
 
     async def _launch(self, role: str) -> None:
-        if role == "secondary":
+        if role == "secondary" and not self.cold:
             problem = overlay_space_problem(self.spec.overlay_dir, self.vm.disk.size_mib)
             if problem is not None:
                 raise QemuError(f"secondary of {self.vm.name} not launched: {problem}")
@@ -452,7 +484,9 @@ class VmRunner:
         # primary's, by migration), which needs no settling once it takes over.
         self._guest_boot_at = time.monotonic() if role == "primary" else float("-inf")
         await self._connect(self.proc, role)
-        if role == "secondary":
+        if role == "secondary" and self.cold:
+            await cold.prepare_replica(self._qmp(), self.spec)
+        elif role == "secondary":
             await colo.prepare_secondary(self._qmp(), self.spec)
         self.queue.put_nowait(LocalQemuStarted())
 
@@ -543,8 +577,14 @@ class VmRunner:
 
     async def _resync(self) -> None:
         """Bring the new secondary's disk in step: only the chunks that differ when its
-        digest allows (ftd.qemu.resync), else (or if that fails) the whole disk."""
-        await self._settle_before_pairing()
+        digest allows (ftd.qemu.resync), else (or if that fails) the whole disk.
+
+        A cold standby's replica is brought in step the same way, then kept in step by the
+        synchronous replication (ftd.qemu.cold): after an incremental copy (which ends with
+        the guest paused and both disks equal) it mirrors new writes only; a full copy is the
+        replication job's own first pass."""
+        if not self.cold:
+            await self._settle_before_pairing()
 
         def progress(p: colo.ColoProgress) -> None:
             if p.total_bytes:
@@ -561,7 +601,9 @@ class VmRunner:
                 result = await resync.copy_changed(
                     self._qmp(),
                     disk_path=self.spec.disk_path,
-                    overlays=(self.spec.active_overlay, self.spec.hidden_overlay),
+                    overlays=()
+                    if self.cold
+                    else (self.spec.active_overlay, self.spec.hidden_overlay),
                     peer=self.spec.peer_address,
                     nbd_port=self.spec.nbd_port,
                     theirs=theirs,
@@ -577,6 +619,12 @@ class VmRunner:
                 if (await self._qmp().execute("query-status"))["status"] == "paused":
                     await self._qmp().execute("cont")
             else:
+                if self.cold:
+                    # Both disks are equal and the guest paused: replicate from here on.
+                    try:
+                        await cold.start_replication(self._qmp(), self.spec, sync="none")
+                    finally:
+                        await self._resume_if_paused()
                 took = round(time.monotonic() - started, 3)
                 self.last_resync = {
                     "mode": "incremental",
@@ -593,19 +641,30 @@ class VmRunner:
                     f"round(s), {took}s",
                     vm=self.vm.name,
                 )
-                self.queue.put_nowait(ResyncDone())
+                self.queue.put_nowait(ResyncDone(self.vm.standby))
                 return
         self.events.record("vm", f"full resync to {self.peer}: {why_full}", vm=self.vm.name)
-        await colo.mirror_disk(self._qmp(), self.spec, progress=progress)
+        if self.cold:
+            await cold.start_replication(self._qmp(), self.spec, sync="full", progress=progress)
+        else:
+            await colo.mirror_disk(self._qmp(), self.spec, progress=progress)
         self.last_resync = {
             "mode": "full",
             "reason": why_full,
             "copied_bytes": size,
             "seconds": round(time.monotonic() - started, 3),
         }
-        self.queue.put_nowait(ResyncDone())
+        self.queue.put_nowait(ResyncDone(self.vm.standby))
+
+    async def _resume_if_paused(self) -> None:
+        with contextlib.suppress(FtError):
+            if (await self._qmp().execute("query-status"))["status"] == "paused":
+                await self._qmp().execute("cont")
 
     async def _start_colo(self) -> None:
+        if self.cold:
+            await self._start_cold()
+            return
         delay = timer_ms(self.policy)
         took = await colo.start_colo(self._qmp(), self.spec, checkpoint_delay_ms=delay)
         self._colo_entered_at = self.clock()
@@ -615,8 +674,90 @@ class VmRunner:
         await self._checkpoint_watchdog(delay / 1000)
 
     async def _resume_protected(self) -> None:
+        if self.cold:
+            await self._replication_watchdog()
+            return
         self._job("checkpoint-driver", self._drive_checkpoints())
         await self._checkpoint_watchdog(timer_ms(self.policy) / 1000)
+
+    # --- cold standby ----------------------------------------------------------------------------
+    async def _start_cold(self) -> None:
+        """The replica is in step (the resync left the replication running): protected."""
+        ok, why = await cold.replication_health(self._qmp())
+        if not ok:
+            raise QemuError(f"vm {self.vm.name}: replication to {self.peer} not in step: {why}")
+        self._replication_ok_at = self.clock()
+        self.replication_reason = why
+        self.events.record(
+            "vm",
+            f"cold standby: every guest write now reaches {self.peer}'s replica before it "
+            "completes",
+            vm=self.vm.name,
+        )
+        self.queue.put_nowait(ColoEntered(standby="cold"))
+        await self._replication_watchdog()
+
+    async def _replication_watchdog(self) -> None:
+        """While this host is the protected primary of a cold standby, check the replication;
+        when it breaks (the replica died, a write to it failed), report it: the machine drops
+        the replica (automatic reprotect pairs again)."""
+        # The machine may not have taken the ColoEntered queued just before: wait for it.
+        deadline = self.clock() + 10.0
+        while not self._protected_primary():
+            if self.clock() > deadline or self.view.state not in _PAIRING_STATES:
+                return
+            await asyncio.sleep(0.05)
+        while self._protected_primary():
+            try:
+                ok, why = await cold.replication_health(self._qmp())
+            except FtError as err:
+                # A monitor that is gone has its own events (QmpLost, the exit); a slow one is
+                # asked again.
+                if self.qmp is None or not self.qmp.connected:
+                    self.log.info("replication checks end", error=str(err))
+                    return
+                await asyncio.sleep(REPLICATION_CHECK_S)
+                continue
+            self.replication_reason = why
+            if ok:
+                self._replication_ok_at = self.clock()
+            else:
+                self.events.record(
+                    "vm", f"replication to {self.peer} broken: {why}", "warning", vm=self.vm.name
+                )
+                self.queue.put_nowait(
+                    ProtectTimedOut(
+                        armed_at=self.clock(), cause=f"replication to {self.peer} broken ({why})"
+                    )
+                )
+                return
+            await asyncio.sleep(REPLICATION_CHECK_S)
+
+    async def _cold_takeover(self) -> None:
+        """Restart the guest here from the replicated disk: stop the replica (its writes are
+        in the disk file), then boot the VM's primary QEMU on that disk."""
+        await self._stop_local_gracefully("replica stopped: the VM boots from its disk here")
+        self.proc = await QemuProcess.launch(self.spec, "primary", self.runtime)
+        self._guest_boot_at = time.monotonic()
+        self.stats = CheckpointStats()
+        await self._connect(self.proc, "primary")
+
+    async def _stop_local_gracefully(self, why: str, timeout_s: float = 5.0) -> None:
+        """``quit`` the local QEMU (it closes its images), killing it if it does not exit in
+        ``timeout_s``; like _kill_local, its exit is not reported as LocalQemuExited."""
+        proc = self.proc
+        if proc is None:
+            return
+        # Set throughout: the exit this causes is not a failure of the copy.
+        self._killing = True
+        try:
+            with contextlib.suppress(FtError):
+                await self._qmp().execute("quit")
+            if not await proc.wait_exit(timeout_s):
+                self.log.warning("qemu did not quit: killing it", pid=proc.pid)
+            await self._kill_local(why)
+        finally:
+            self._killing = False
 
     async def _checkpoint_watchdog(self, period_s: float) -> None:
         """While protected, no checkpoint for the wedge window means COLO is stuck: report
@@ -679,9 +820,15 @@ class VmRunner:
 
         Raises:
             ConfigError: the resulting policy is invalid; nothing changes.
+            RequestError: a cold standby (it takes no checkpoints); nothing changes.
             QmpError: QEMU did not take the new timer (the policy is changed all the same
                 and QEMU's timer is set again on the next protect).
         """
+        if self.cold:
+            raise RequestError(
+                f"vm {self.vm.name} is a cold standby: it takes no checkpoints, so there is no "
+                "checkpoint policy to set"
+            )
         params = merge_params(self.policy_params, changes)
         policy = make_policy(params)
         self.policy_params, self.policy = params, policy
@@ -780,8 +927,11 @@ class VmRunner:
             # Decided: whoever follows this VM (its group) may start now, in parallel.
             self.on_takeover(self.vm.name)
         started = time.monotonic()
-        await colo.failover_secondary(self._qmp(), self.spec)
-        self._watch_role("primary", from_end=True)
+        if self.cold:
+            await self._cold_takeover()
+        else:
+            await colo.failover_secondary(self._qmp(), self.spec)
+            self._watch_role("primary", from_end=True)
         self.failovers += 1
         self.last_failover_s = time.monotonic() - started
         self.queue.put_nowait(FailoverDone())
@@ -809,6 +959,9 @@ class VmRunner:
         await colo.release_primary(self._qmp(), proc, self.spec)
 
     async def _drop_secondary(self) -> None:
+        if self.cold:
+            await cold.stop_replication(self._qmp())
+            return
         await colo.failover_primary(self._qmp(), self.spec)
 
     async def _abort_colo(self) -> None:
@@ -831,8 +984,12 @@ class VmRunner:
                 await q.execute(cmd, args)
         with contextlib.suppress(FtError):
             await resync.cleanup(q)
+        if self.cold:
+            with contextlib.suppress(FtError):
+                await cold.stop_replication(q)
         with contextlib.suppress(FtError):
-            await colo.failover_primary(q, self.spec, timeout_s=10)
+            if not self.cold:
+                await colo.failover_primary(q, self.spec, timeout_s=10)
         with contextlib.suppress(FtError):
             status = await q.execute("query-status")
             if status.get("status") != "running":
@@ -1003,7 +1160,8 @@ class VmRunner:
         if saved is None:
             self._persist()
             return
-        view = view_from_json(saved)
+        # The configuration says which standby the VM is, not an older saved view.
+        view = dataclasses.replace(view_from_json(saved), cold=self.cold)
         try:
             proc = QemuProcess.attach(self.spec.run_dir)
         except QemuError as err:
@@ -1084,6 +1242,25 @@ class VmRunner:
             "last_failover_s": self.last_failover_s,
             "last_resync": self.last_resync,
             "recovery": self._recovery().as_json(),
+            "replication": self._replication_status(),
+        }
+
+    def _replication_status(self) -> dict[str, Any] | None:
+        """A cold standby primary's replication: in step or not, why, and how long ago it was
+        last checked in step (None for a hot standby or on the replica)."""
+        if not self.cold or self.view.role is not Role.PRIMARY:
+            return None
+        now = self.clock()
+        at = self._replication_ok_at
+        ok = (
+            self.view.state is State.PROTECTED
+            and at is not None
+            and now - at <= REPLICATION_FRESH_S
+        )
+        return {
+            "in_step": ok,
+            "reason": self.replication_reason or "not started",
+            "age_s": None if at is None else round(now - at, 1),
         }
 
     def _recovery(self) -> RecoveryEstimate:
@@ -1097,7 +1274,9 @@ class VmRunner:
         else:
             primary = self.vm.primary
         fence = self.cfg.host_entry(primary).fence
-        return expected_recovery(self.cfg.cluster, primary, fence, self.last_failover_s)
+        return expected_recovery(
+            self.cfg.cluster, primary, fence, self.last_failover_s, self.vm.standby
+        )
 
     def self_fence(self, reason: str) -> bool:
         """Kill the local QEMU if it runs the VM as primary (the isolated host's side of the
@@ -1114,7 +1293,16 @@ class VmRunner:
 
         A peer whose ftd is gone (restart, crash) while checkpoints still complete has a live
         QEMU: that is no reason to fail over or drop it. Returns (alive, reason).
+
+        Cold standby: never. Nothing flows between the primary and its replica but the
+        guest's writes, so nothing proves the peer alive while the guest writes nothing (the
+        mirror job looks healthy towards a host that vanished, and the next write would wait on
+        it for minutes of TCP retransmissions). The failure detector alone decides: a lost
+        replica is dropped (a restart of its ftd costs a re-pair, an incremental one), a lost
+        primary fenced and restarted here.
         """
+        if self.cold:
+            return False, "cold standby: the failure detector decides"
         if self.view.state is not State.PROTECTED or self.stream_lost:
             return False, "no COLO link" if not self.stream_lost else "COLO stream closed"
         interval = timer_ms(self.policy) / 1000
