@@ -42,6 +42,24 @@ REPLICATION_NODE = "replication0"
 RECONNECT_MS = 1000
 
 
+def _control(spec: QemuVmSpec) -> list[str]:
+    """Monitors, pidfile and logs: what ftd and observers reach any of a VM's QEMUs by."""
+    return [
+        "-qmp",
+        f"unix:{spec.qmp_socket},server=on,wait=off",
+        # A second monitor for observers (monitoring, the lab's invariant checkers): ftd's
+        # own session holds the first one.
+        "-qmp",
+        f"unix:{spec.observer_socket},server=on,wait=off",
+        "-pidfile",
+        str(spec.pidfile),
+        "-msg",
+        "timestamp=on",
+        "-D",
+        str(spec.trace_log),
+    ]
+
+
 def _common(spec: QemuVmSpec, role: str) -> list[str]:
     args = [
         "-name",
@@ -58,20 +76,9 @@ def _common(spec: QemuVmSpec, role: str) -> list[str]:
         str(spec.memory_mib),
         "-smp",
         str(spec.vcpus),
-        "-qmp",
-        f"unix:{spec.qmp_socket},server=on,wait=off",
-        # A second monitor for observers (monitoring, the lab's invariant checkers): ftd's
-        # own session holds the first one.
-        "-qmp",
-        f"unix:{spec.observer_socket},server=on,wait=off",
         "-serial",
         f"file:{spec.serial_log}",
-        "-pidfile",
-        str(spec.pidfile),
-        "-msg",
-        "timestamp=on",
-        "-D",
-        str(spec.trace_log),
+        *_control(spec),
     ]
     for event in TRACE_EVENTS:
         args += ["-trace", f"enable={event}"]
@@ -186,16 +193,7 @@ def replica_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
         "none",
         "-machine",
         "none",
-        "-qmp",
-        f"unix:{spec.qmp_socket},server=on,wait=off",
-        "-qmp",
-        f"unix:{spec.observer_socket},server=on,wait=off",
-        "-pidfile",
-        str(spec.pidfile),
-        "-msg",
-        "timestamp=on",
-        "-D",
-        str(spec.trace_log),
+        *_control(spec),
         "-drive",
         f"if=none,id={PARENT_ID},driver=raw,file.filename={spec.disk_path}",
     ]

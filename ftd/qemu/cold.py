@@ -29,7 +29,7 @@ from typing import Any
 
 from ftd.errors import QemuError, QmpError
 from ftd.qemu.cmdline import DISK_ID, PARENT_ID
-from ftd.qemu.colo import MIRROR_JOB, ColoProgress, ProgressFn
+from ftd.qemu.colo import MIRROR_JOB, ColoProgress, ProgressFn, export_disk
 from ftd.qemu.qmp import QmpCommandError, QmpSession
 from ftd.qemu.spec import QemuVmSpec
 
@@ -40,17 +40,8 @@ _POLL_S = 0.2
 
 async def prepare_replica(rep: QmpSession, spec: QemuVmSpec) -> None:
     """Export a freshly launched replica's disk (node ``parent0``) over NBD, writable, on this
-    host's address and the VM's NBD port. Raises QmpError."""
-    await rep.execute(
-        "nbd-server-start",
-        {
-            "addr": {
-                "type": "inet",
-                "data": {"host": spec.local_address, "port": str(spec.nbd_port)},
-            }
-        },
-    )
-    await rep.execute("nbd-server-add", {"device": PARENT_ID, "writable": True})
+    host's address and the VM's NBD port (as a COLO secondary's). Raises QmpError."""
+    await export_disk(rep, spec)
 
 
 def _job(jobs: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -68,7 +68,13 @@ async def prepare_secondary(sec: QmpSession, spec: QemuVmSpec) -> None:
     Raises QmpError.
     """
     await sec.execute("migrate-set-capabilities", {"capabilities": CAPABILITIES})
-    await sec.execute(
+    await export_disk(sec, spec)
+
+
+async def export_disk(session: QmpSession, spec: QemuVmSpec) -> None:
+    """Export node ``parent0`` (the VM's disk on a secondary or a cold replica) over NBD,
+    writable, on this host's address and the VM's NBD port. Raises QmpError."""
+    await session.execute(
         "nbd-server-start",
         {
             "addr": {
@@ -77,7 +83,7 @@ async def prepare_secondary(sec: QmpSession, spec: QemuVmSpec) -> None:
             }
         },
     )
-    await sec.execute("nbd-server-add", {"device": PARENT_ID, "writable": True})
+    await session.execute("nbd-server-add", {"device": PARENT_ID, "writable": True})
 
 
 async def _query_status(session: QmpSession) -> tuple[str, str, str]:
