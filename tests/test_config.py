@@ -130,14 +130,15 @@ def test_lab_example_is_the_lab() -> None:
 def test_three_host_example_has_groups_tls_fencing_and_a_cold_standby() -> None:
     cfg = load_config(CONFIGS / "cluster-3host-groups.yaml", host="node2", env={})
     assert sum(h.role == "vm-host" for h in cfg.cluster.hosts) == 3
-    assert len(cfg.vms) == 5 and len(cfg.groups) == 2
+    assert len(cfg.vms) == 6 and len(cfg.groups) == 2
     assert [vm.name for vm in cfg.vms if vm.standby == "cold"] == ["reports"]
+    assert [vm.name for vm in cfg.vms if vm.libvirt is not None] == ["legacy"]
     assert len({g.policy for g in cfg.groups}) == 2
     assert all(b.tls for b in cfg.bus.brokers) and cfg.bus.tls is not None
     fences = [h.fence for h in cfg.cluster.hosts if h.role == "vm-host"]
     assert all(f.agent == "command" and f.command for f in fences)
     assert cfg.group_of("db") is not None and cfg.group_of("db") == cfg.group_of("queue")
-    assert {vm.name for vm in cfg.vms_on("node2")} == {"web1", "web2", "reports"}
+    assert {vm.name for vm in cfg.vms_on("node2")} == {"web1", "web2", "reports", "legacy"}
 
 
 def test_the_base_fixture_is_valid() -> None:
@@ -352,7 +353,10 @@ BROKEN: list[tuple[str, list[tuple[str, object]], dict[str, str]]] = [
     ),
     (
         "boot and libvirt",
-        [("vms[0].libvirt", {"uri": "qemu:///system", "domain": "d", "qmp_socket": "/q"})],
+        [
+            ("vms[0].libvirt", {"uri": "qemu:///system", "domain": "d", "qmp_socket": "/q"}),
+            ("groups[0].members", ["v1"]),
+        ],
         {"vms[0].libvirt": "mutually exclusive"},
     ),
     ("neither boot nor libvirt", [("vms[0].boot", DELETE)], {"vms[0]": "needs boot"}),
@@ -440,6 +444,14 @@ BROKEN: list[tuple[str, list[tuple[str, object]], dict[str, str]]] = [
         {"groups[1].members[0]": "already in group 'g'"},
     ),
     ("member twice", [("groups[0].members[2]", "v0")], {"groups[0].members[2]": "listed twice"}),
+    (
+        "libvirt VM in a group",
+        [
+            ("vms[0].boot", DELETE),
+            ("vms[0].libvirt", {"uri": "x", "domain": "d", "qmp_socket": "/q"}),
+        ],
+        {"groups[0].members[0]": "VM 'v0' is a libvirt domain, which ftd lists but does not"},
+    ),
     ("empty group", [("groups[0].members", [])], {"groups[0].members": "at least 1"}),
     (
         "rollback with a cold member",
@@ -452,6 +464,7 @@ BROKEN: list[tuple[str, list[tuple[str, object]], dict[str, str]]] = [
             ("vms[0].standby", "cold"),
             ("vms[0].boot", DELETE),
             ("vms[0].libvirt", {"uri": "x", "domain": "d", "qmp_socket": "/q"}),
+            ("groups[0].members", ["v1"]),
         ],
         {"vms[0].standby": "cold standby needs a VM ftd launches (boot), not a libvirt domain"},
     ),
@@ -529,6 +542,7 @@ VALID_VARIANTS: list[tuple[str, list[tuple[str, object]]]] = [
         [
             ("vms[0].boot", DELETE),
             ("vms[0].libvirt", {"uri": "x", "domain": "d", "qmp_socket": "/q"}),
+            ("groups[0].members", ["v1"]),
         ],
     ),
     ("no nics, no groups", [("vms[0].nics", []), ("groups", [])]),

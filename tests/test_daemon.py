@@ -267,3 +267,37 @@ def test_ftd_hears_only_its_scope() -> None:
         finally:
             for p in procs.values():
                 p.stop()
+
+
+def test_a_libvirt_vm_is_listed_as_not_managed_and_requests_say_why(lab: Lab) -> None:
+    doc = cluster_config(lab, "a", vm_hosts=["a"], witnesses=["w"], vms=[], guest=None)
+    # A second VM host that never comes up: the libvirt VM's secondary.
+    doc["cluster"]["hosts"].append({"name": "b", "address": "192.0.2.2"})
+    doc["vms"].append(
+        {
+            "name": "db",
+            "primary": "a",
+            "secondary": "b",
+            "memory_mib": 128,
+            "libvirt": {
+                "uri": "qemu:///system",
+                "domain": "db",
+                "qmp_socket": "/var/lib/libvirt/qemu/ftd-db.qmp",
+            },
+            "disk": {"path": "/var/lib/libvirt/images/db.raw", "size_mib": 64},
+            "ports": {"base": 20000},
+        }
+    )
+    a = FtdProcess(lab, "a", write_config(lab, "a", doc))
+    a.start()
+    st = a.wait_ready()
+    assert st["vms"] == []
+    (u,) = st["unmanaged_vms"]
+    assert u["name"] == "db" and "libvirt domain db" in u["reason"], u
+    assert "is not protected: ftd does not yet pair libvirt-owned domains" in u["reason"], u
+    assert f"db: NOT MANAGED: {u['reason']}" in a.ctl("status").stdout
+    events = json.loads(a.ctl("events", "--json").stdout)
+    assert any(e["message"] == u["reason"] and e["severity"] == "warning" for e in events), events
+    r = a.ctl("protect", "db", check=False)
+    assert r.returncode != 0 and u["reason"] in r.stderr, r
+    assert a.stop() == 0

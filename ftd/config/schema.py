@@ -603,7 +603,11 @@ class Vm:
     )
     libvirt: Libvirt | None = field(
         default=None,
-        metadata=doc("a libvirt-owned domain; exactly one of boot and libvirt is given"),
+        metadata=doc(
+            "a libvirt-owned domain; exactly one of boot and libvirt is given. Listed in "
+            "status as NOT MANAGED: this release does not protect libvirt domains yet "
+            "(docs/libvirt.md), nor groups them"
+        ),
     )
     disk: Disk = field(metadata=doc("the VM's disk"))
     nics: tuple[Nic, ...] = field(default=(), metadata=doc("network interfaces"))
