@@ -25,6 +25,7 @@ either).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from ftd.errors import QemuError, QmpError
@@ -136,13 +137,19 @@ async def start_replication(
             ok, why = health_of(job)
             if ok:
                 return
-            if job.get("ready") or job.get("io-status", "ok") != "ok":
+            # Not yet in step is waited for (the copy, or a ready job still draining its last
+            # dirty chunks); a failed write is final.
+            if job.get("io-status", "ok") != "ok":
                 raise QemuError(f"{pri.name}: replication failed: {why}")
             if loop.time() > deadline:
-                raise QemuError(f"{pri.name}: replication not in step within {timeout_s:g} s")
+                raise QemuError(
+                    f"{pri.name}: replication not in step within {timeout_s:g} s: {why}"
+                )
             await asyncio.sleep(_POLL_S)
     except (QemuError, QmpError):
-        await stop_replication(pri)
+        # The original error is what the caller needs; a failed clean-up adds nothing.
+        with contextlib.suppress(QemuError, QmpError):
+            await stop_replication(pri)
         raise
 
 
