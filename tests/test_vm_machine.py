@@ -278,6 +278,11 @@ def test_broken_replication_drops_the_replica_with_its_cause() -> None:
     assert d.reason == f"{cause}: secondary b dropped, the guest runs on unprotected"
     nq = decide(dataclasses.replace(v, quorum=False), ProtectTimedOut(30.0, cause), 30.0)
     assert nq.actions == () and nq.reason == f"{cause} but no quorum: waiting"
+    # A pairing cut short names its cause too (an ftd restart in the middle of it).
+    cut = "pairing with b interrupted by an ftd restart"
+    ab = decide(view(State.REPROTECTING, pairing=2), ProtectTimedOut(30.0, cut), 30.0)
+    assert kinds(ab) == ["PublishState", "AbortColo", "Alert"]
+    assert ab.reason == f"{cut}: aborted, the guest runs on unprotected"
 
 
 def test_stale_secondary_ready_is_ignored() -> None:

@@ -1038,13 +1038,8 @@ def _on_timeout(view: VmView, event: ProtectTimedOut, now: float) -> Decision:
     if view.state in _PAIRING:
         if not view.quorum:
             return _wait(view, "protect step timed out but no quorum: waiting")
-        return _abandon(
-            view,
-            now,
-            AbortColo(),
-            f"protect step with {view.peer} did not finish in time: aborted, "
-            "the guest runs on unprotected",
-        )
+        what = event.cause or f"protect step with {view.peer} did not finish in time"
+        return _abandon(view, now, AbortColo(), f"{what}: aborted, the guest runs on unprotected")
     if view.state is not State.PROTECTED:
         return _ignore(view, event, f"no protect step or COLO to watch ({view.state})")
     if view.last_checkpoint_at is not None and view.last_checkpoint_at >= event.armed_at:

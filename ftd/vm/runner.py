@@ -1193,11 +1193,37 @@ class VmRunner:
                 # What _start_colo runs for a protected life: the policy's driver and the
                 # checkpoint watchdog, which a restart must not leave behind.
                 self._job("colo", self._resume_protected())
+            elif self.view.role is Role.PRIMARY and self.view.state in _PAIRING_STATES:
+                self._job("colo", self._abandon_interrupted_pairing())
         else:
             # The local copy is gone (host reboot, QEMU died while ftd was down).
             self.view = view
             self.queue.put_nowait(LocalQemuExited(code=-1))
         self._persist()
+
+    async def _abandon_interrupted_pairing(self) -> None:
+        """A pairing this primary was driving when its ftd stopped cannot be followed: the
+        job that copied the disk or entered COLO died with the old ftd, and nothing would move
+        the view on (seen in the lab: a cold VM stuck in ``reprotecting`` after an ftd
+        restart). Once the quorum is known, the pairing is timed out: the machine aborts it
+        and automatic reprotect pairs again."""
+        while self.view.role is Role.PRIMARY and self.view.state in _PAIRING_STATES:
+            if self.view.quorum:
+                self.events.record(
+                    "vm",
+                    f"ftd restarted during the pairing with {self.peer} ({self.view.state}): "
+                    "abandoning it, it starts again",
+                    "warning",
+                    vm=self.vm.name,
+                )
+                self.queue.put_nowait(
+                    ProtectTimedOut(
+                        armed_at=self.clock(),
+                        cause=f"pairing with {self.peer} interrupted by an ftd restart",
+                    )
+                )
+                return
+            await asyncio.sleep(0.2)
 
     def _persist(self) -> None:
         write_json_atomic(self._state_path, view_to_json(self.view))
