@@ -21,7 +21,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +226,14 @@ async def writing(c: LabCluster, start: int | None = None) -> AsyncIterator[Disk
         disk.abort()
 
 
+async def all_acked_on_disk(disk: DiskWriterClient) -> None:
+    """Every record ``disk`` got acknowledged is on the guest's disk (read back, uncached)."""
+    last = disk.last_acked
+    assert last is not None
+    check = await disk.verify(disk.acked[0].sector, last)
+    assert check.ok, check
+
+
 async def until(pred: Any, limit: float, what: str) -> None:
     deadline = time.monotonic() + limit
     while not pred():
@@ -257,29 +265,41 @@ def test_cold_protect_shows_the_replication_not_checkpoints(cluster: LabCluster)
     assert cluster.vm_status(p, VM)["state"] == "protected"
 
 
+async def restart_elsewhere(
+    c: LabCluster, p: str, s: str, trigger: Callable[[], None], acked: int
+) -> tuple[int, int, dict[str, Any], float]:
+    """While the disk writer runs, ``trigger`` a failover of the primary on ``p``; wait until
+    ``s`` runs the VM, never seeing two running guests. Returns the first and last record
+    acknowledged before, ``s``'s status and when the trigger was pulled."""
+    sampler = c.sampler(VM)
+    with sampler:
+        async with writing(c) as disk:
+            await until(lambda: len(disk.acked) >= acked, 60, f"{acked} acked records")
+            first = disk.acked[0].sector
+            trigger()
+            pulled = time.monotonic()
+            # An ack already on its way when the guest stopped counts: give it time to arrive.
+            await asyncio.sleep(1.0)
+            last = disk.last_acked
+            assert last is not None
+        st = c.wait_vm(s, VM, lambda v: v["role"] == "primary", 60, "restarted on " + s)
+        await asyncio.sleep(2.0)
+    # The replica runs no guest until the primary is gone.
+    sampler.assert_safe()
+    assert any(x.host == s and x.running_primary for r in sampler.samples for x in r), (
+        "the sampler never saw the restarted guest"
+    )
+    return first, last, st, pulled
+
+
 @pytest.mark.real
 async def test_kill_primary_qemu_restarts_the_guest_from_the_replica(
     cluster: LabCluster,
 ) -> None:
     p, s = cluster.wait_protected(VM, 180)
-    # Never two running guests: the replica runs no guest until the primary is gone.
-    sampler = cluster.sampler(VM)
-    with sampler:
-        async with writing(cluster) as disk:
-            await until(lambda: len(disk.acked) >= 30, 60, "30 acked records")
-            first = disk.acked[0].sector
-            pid = cluster.vm_status(p, VM)["qemu_pid"]
-            os.kill(pid, signal.SIGKILL)
-            killed = time.monotonic()
-            # An ack already on its way when the guest died counts: give it time to arrive.
-            await asyncio.sleep(1.0)
-            last = disk.last_acked
-            assert last is not None
-        st = cluster.wait_vm(s, VM, lambda v: v["role"] == "primary", 60, "restarted on " + s)
-        await asyncio.sleep(2.0)
-    sampler.assert_safe()
-    assert any(x.host == s and x.running_primary for r in sampler.samples for x in r), (
-        "the sampler never saw the restarted guest"
+    pid = cluster.vm_status(p, VM)["qemu_pid"]
+    first, last, st, killed = await restart_elsewhere(
+        cluster, p, s, lambda: os.kill(pid, signal.SIGKILL), 30
     )
     assert st["failovers"] == 1 and st["last_failover_s"] is not None
     took = st["last_failover_s"]
@@ -348,10 +368,7 @@ async def test_kill_replica_qemu_primary_runs_on_then_is_protected_again(
         p2, _ = cluster.wait_protected(VM, 180)
         assert p2 == p, "the primary must not move when its replica dies"
         assert disk.error is None, disk.error
-        last = disk.last_acked
-        assert last is not None
-        check = await disk.verify(disk.acked[0].sector, last)
-        assert check.ok, check
+        await all_acked_on_disk(disk)
 
 
 @pytest.mark.real
@@ -387,10 +404,7 @@ async def test_replica_host_cut_off_holds_writes_until_dropped_then_reprotects(
             cluster.lab.restore(s)
         p2, _ = cluster.wait_protected(VM, 180)
         assert p2 == p
-        last = disk.last_acked
-        assert last is not None
-        check = await disk.verify(disk.acked[0].sector, last)
-        assert check.ok, check
+        await all_acked_on_disk(disk)
 
 
 @pytest.mark.real
@@ -398,23 +412,15 @@ async def test_manual_failover_restarts_the_guest_on_the_replica_host(
     cluster: LabCluster,
 ) -> None:
     p, s = cluster.wait_protected(VM, 180)
-    sampler = cluster.sampler(VM)
-    with sampler:
-        async with writing(cluster) as disk:
-            await until(lambda: len(disk.acked) >= 10, 60, "10 acked records")
-            first = disk.acked[0].sector
-            out = cluster.ftd[p].ctl("failover", VM, "--json")
-            assert json.loads(out.stdout)["vm"] == VM
-            # The guest is paused and frozen before the replica's host takes over.
-            await asyncio.sleep(1.0)
-            last = disk.last_acked
-            assert last is not None
-        st = cluster.wait_vm(s, VM, lambda v: v["role"] == "primary", 60, "restarted on " + s)
-        assert "restarting the guest from its replicated disk" in "\n".join(
-            e["message"] for e in json.loads(cluster.ftd[s].ctl("events", "--json").stdout)
-        )
-        await asyncio.sleep(2.0)
-    sampler.assert_safe()
+
+    def failover() -> None:
+        out = cluster.ftd[p].ctl("failover", VM, "--json")
+        assert json.loads(out.stdout)["vm"] == VM
+
+    first, last, st, _ = await restart_elsewhere(cluster, p, s, failover, 10)
+    assert "restarting the guest from its replicated disk" in "\n".join(
+        e["message"] for e in json.loads(cluster.ftd[s].ctl("events", "--json").stdout)
+    )
     assert st["failovers"] >= 1
     async with writing(cluster, start=last + 1000) as after:
         check = await after.verify(first, last)
@@ -441,7 +447,4 @@ async def test_ftd_restarts_keep_the_guest_and_protect_it_again(cluster: LabClus
         n = len(disk.acked)
         await until(lambda: len(disk.acked) > n + 10, 30, "writes after the restarts")
         assert disk.error is None, disk.error
-        last = disk.last_acked
-        assert last is not None
-        check = await disk.verify(disk.acked[0].sector, last)
-        assert check.ok, check
+        await all_acked_on_disk(disk)

@@ -241,17 +241,19 @@ def test_pairing_steps_to_protected() -> None:
 
 def test_cold_standby_pairing_names_the_replication() -> None:
     resync = dataclasses.replace(
-        view(State.SYNCING, pairing=1), sync=SyncStatus(SyncStep.RESYNC, 0, 10)
+        view(State.SYNCING, pairing=1), sync=SyncStatus(SyncStep.RESYNC, 0, 10), cold=True
     )
-    done = decide(resync, ResyncDone("cold"), 0.0)
+    done = decide(resync, ResyncDone(), 0.0)
     assert done.actions == (StartColo("b"),)
     assert done.reason == (
         "disk in step with b: starting the synchronous replication (cold standby)"
     )
-    entered = decide(done.view, ColoEntered("cold"), 3.0)
+    entered = decide(done.view, ColoEntered(), 3.0)
     assert entered.view.state is State.PROTECTED and kinds(entered) == ["PublishState"]
     assert entered.reason == "disk replicated synchronously to b (cold standby): VM protected"
-    sec = decide(view(State.SYNCING, S, peer="a"), ColoEntered("cold"), 0.0)
+    sec = decide(
+        dataclasses.replace(view(State.SYNCING, S, peer="a"), cold=True), ColoEntered(), 0.0
+    )
     assert sec.view.state is State.PROTECTED
     assert sec.reason == "cold standby: this host holds the replicated disk of a's VM"
 
@@ -669,6 +671,7 @@ def views(draw: st.DrawFn) -> VmView:
         sync=sync,
         paused=paused,
         quorum=draw(st.booleans()),
+        cold=draw(st.booleans()),
     )
 
 
@@ -676,11 +679,11 @@ NON_REQUEST_EVENTS: st.SearchStrategy[Event] = st.one_of(
     st.just(LocalQemuStarted()),
     st.builds(LocalQemuExited, st.integers(-9, 255)),
     st.just(QmpLost()),
-    st.builds(ColoEntered, st.sampled_from(["hot", "cold"])),
+    st.just(ColoEntered()),
     st.builds(CheckpointDone, st.floats(0, 100), st.floats(0, 1000)),
     st.builds(ColoExit, st.sampled_from(["error", "request"])),
     st.builds(ResyncProgress, st.integers(0, 10), st.integers(0, 10)),
-    st.builds(ResyncDone, st.sampled_from(["hot", "cold"])),
+    st.just(ResyncDone()),
     st.just(FailoverDone()),
     st.builds(ProtectTimedOut, st.floats(0, 100), st.none() | st.just("replication broken")),
     st.builds(QuorumChanged, st.booleans()),

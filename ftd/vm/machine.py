@@ -340,11 +340,9 @@ class QmpLost:
 
 @dataclass(frozen=True)
 class ColoEntered:
-    """The local QEMU reports COLO running (migration status ``colo``); for a ``cold``
-    standby: the disk replication is in step (on the primary, its mirror job ready; on the
-    secondary, the primary says it is protected)."""
-
-    standby: str = "hot"
+    """The local QEMU reports COLO running (migration status ``colo``); for a cold standby:
+    the disk replication is in step (on the primary, its mirror job ready; on the replica's
+    host, the primary says it is protected)."""
 
 
 @dataclass(frozen=True)
@@ -386,10 +384,8 @@ class ResyncProgress:
 
 @dataclass(frozen=True)
 class ResyncDone:
-    """The disk resync to the new secondary has converged (``cold``: to the replica, whose
-    synchronous replication starts next)."""
-
-    standby: str = "hot"
+    """The disk resync to the new secondary has converged (a cold standby: to the replica,
+    whose synchronous replication starts next)."""
 
 
 @dataclass(frozen=True)
@@ -953,7 +949,7 @@ def _on_colo_entered(view: VmView, event: ColoEntered, now: float) -> Decision:
     ):
         reason = (
             f"disk replicated synchronously to {view.peer} (cold standby): VM protected"
-            if event.standby == "cold"
+            if view.cold
             else f"COLO running with {view.peer}: VM protected"
         )
         return _move(
@@ -968,7 +964,7 @@ def _on_colo_entered(view: VmView, event: ColoEntered, now: float) -> Decision:
     if view.role is Role.SECONDARY and view.state is State.SYNCING:
         reason = (
             f"cold standby: this host holds the replicated disk of {view.peer}'s VM"
-            if event.standby == "cold"
+            if view.cold
             else f"COLO running: this host holds the secondary of {view.peer}"
         )
         return _move(view, now, reason, (PublishState(),), state=State.PROTECTED)
@@ -1013,7 +1009,7 @@ def _on_resync_done(view: VmView, event: ResyncDone, now: float) -> Decision:
     total = view.sync.total
     reason = (
         f"disk in step with {view.peer}: starting the synchronous replication (cold standby)"
-        if event.standby == "cold"
+        if view.cold
         else f"disk in step with {view.peer}: starting COLO (RAM sync)"
     )
     return _move(

@@ -399,7 +399,7 @@ class VmRunner:
             # The machine is level-triggered: the peer's last state may apply now.
             self.queue.put_nowait(self.peer_last)
         if self._cold_replica_in_step():
-            self.queue.put_nowait(ColoEntered(standby="cold"))
+            self.queue.put_nowait(ColoEntered())
 
     def _cold_replica_in_step(self) -> bool:
         """A cold standby's replica learns that it is in step from its primary: no COLO runs
@@ -641,7 +641,7 @@ class VmRunner:
                     f"round(s), {took}s",
                     vm=self.vm.name,
                 )
-                self.queue.put_nowait(ResyncDone(self.vm.standby))
+                self.queue.put_nowait(ResyncDone())
                 return
         self.events.record("vm", f"full resync to {self.peer}: {why_full}", vm=self.vm.name)
         if self.cold:
@@ -654,7 +654,7 @@ class VmRunner:
             "copied_bytes": size,
             "seconds": round(time.monotonic() - started, 3),
         }
-        self.queue.put_nowait(ResyncDone(self.vm.standby))
+        self.queue.put_nowait(ResyncDone())
 
     async def _resume_if_paused(self) -> None:
         with contextlib.suppress(FtError):
@@ -694,7 +694,7 @@ class VmRunner:
             "completes",
             vm=self.vm.name,
         )
-        self.queue.put_nowait(ColoEntered(standby="cold"))
+        self.queue.put_nowait(ColoEntered())
         await self._replication_watchdog()
 
     async def _replication_watchdog(self) -> None:
