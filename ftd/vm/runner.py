@@ -1193,7 +1193,7 @@ class VmRunner:
                 # What _start_colo runs for a protected life: the policy's driver and the
                 # checkpoint watchdog, which a restart must not leave behind.
                 self._job("colo", self._resume_protected())
-            elif self.view.role is Role.PRIMARY and self.view.state in _PAIRING_STATES:
+            elif self._pairing_step_interrupted():
                 self._job("colo", self._abandon_interrupted_pairing())
         else:
             # The local copy is gone (host reboot, QEMU died while ftd was down).
@@ -1201,13 +1201,25 @@ class VmRunner:
             self.queue.put_nowait(LocalQemuExited(code=-1))
         self._persist()
 
+    def _pairing_step_interrupted(self) -> bool:
+        """Whether this primary was copying the disk or entering COLO: steps a job drove, and
+        the job died with the old ftd. (Waiting for the secondary is driven by its events and
+        goes on by itself.)"""
+        v = self.view
+        return (
+            v.role is Role.PRIMARY
+            and v.state in _PAIRING_STATES
+            and v.sync is not None
+            and v.sync.step in (SyncStep.RESYNC, SyncStep.COLO)
+        )
+
     async def _abandon_interrupted_pairing(self) -> None:
-        """A pairing this primary was driving when its ftd stopped cannot be followed: the
-        job that copied the disk or entered COLO died with the old ftd, and nothing would move
-        the view on (seen in the lab: a cold VM stuck in ``reprotecting`` after an ftd
+        """A pairing step this primary was driving when its ftd stopped cannot be followed:
+        the job that copied the disk or entered COLO died with the old ftd, and nothing would
+        move the view on (seen in the lab: a cold VM stuck in ``reprotecting`` after an ftd
         restart). Once the quorum is known, the pairing is timed out: the machine aborts it
         and automatic reprotect pairs again."""
-        while self.view.role is Role.PRIMARY and self.view.state in _PAIRING_STATES:
+        while self._pairing_step_interrupted():
             if self.view.quorum:
                 self.events.record(
                     "vm",
