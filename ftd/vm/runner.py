@@ -1221,13 +1221,7 @@ class VmRunner:
         and automatic reprotect pairs again."""
         while self._pairing_step_interrupted():
             if self.view.quorum:
-                self.events.record(
-                    "vm",
-                    f"ftd restarted during the pairing with {self.peer} ({self.view.state}): "
-                    "abandoning it, it starts again",
-                    "warning",
-                    vm=self.vm.name,
-                )
+                # The machine's decision records the cause (one event, not two).
                 self.queue.put_nowait(
                     ProtectTimedOut(
                         armed_at=self.clock(),
