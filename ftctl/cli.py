@@ -293,13 +293,9 @@ def cmd_status(client: ControlClient, as_json: bool) -> int:
     if guard is not None:
         print(guard_line(guard))
     vms = st.get("vms") or []
-    unmanaged = st.get("unmanaged_vms") or []
     print()
-    for u in unmanaged:
-        print(f"{u['name']}: NOT MANAGED: {u['reason']}")
     if not vms:
-        if not unmanaged:
-            print("no VMs configured on this host")
+        print("no VMs configured on this host")
         return 0
     print(render(VM_HEADERS, [vm_row(vm) for vm in vms]))
     for vm in vms:

@@ -23,6 +23,7 @@ import yaml
 
 from ftctl.client import ControlClient
 from ftd.errors import FtError, LabError
+from lab import libvirt as lab_libvirt
 from lab.image import GuestImage, guest_append
 from lab.invariants import PrimarySampler
 from lab.netns import Lab
@@ -49,6 +50,8 @@ class VmPlan:
     ip_octet: int = 100
     #: ``hot`` (COLO) or ``cold`` (a replicated disk, the guest restarted on failure).
     standby: str = "hot"
+    #: A libvirt domain (lab.libvirt: one per lab host) instead of a QEMU ftd spawns.
+    libvirt: bool = False
 
 
 def host_dirs(lab: Lab, host: str) -> tuple[Path, Path]:
@@ -106,32 +109,84 @@ def cluster_config(
         "vms": [],
         "groups": [dict(g) for g in groups],
     }
-    subnet = lab.subnet.rsplit(".", 1)[0]
     for i, vm in enumerate(vms):
         if guest is None:
             raise LabError("VMs need a guest image")
-        doc["vms"].append(
-            {
-                "name": vm.name,
-                "primary": vm.primary,
-                "secondary": vm.secondary,
-                "memory_mib": vm.memory_mib,
-                "boot": {
-                    "kernel": str(guest.kernel),
-                    "initrd": str(guest.initrd),
-                    "append": guest_append(f"{subnet}.{vm.ip_octet + i}/24", vm.workloads),
-                },
-                "disk": {
-                    "path": str(state_dir / "images" / f"{vm.name}.raw"),
-                    "size_mib": DISK_MIB,
-                },
-                "nics": [{"mac": f"52:54:00:88:{lab.index:02x}:{i + 1:02x}", "bridge": "br0"}],
-                "ports": {"base": 20000 + 16 * i},
-                "checkpoint": dict(vm.checkpoint),
-                "standby": vm.standby,
+        entry: dict[str, Any] = {
+            "name": vm.name,
+            "primary": vm.primary,
+            "secondary": vm.secondary,
+            "memory_mib": vm.memory_mib,
+            "disk": {
+                "path": str(vm_disk(lab, host, vm.name)),
+                "size_mib": DISK_MIB,
+            },
+            "nics": [{"mac": vm_mac(lab, i), "bridge": "br0"}],
+            "ports": {"base": 20000 + 16 * i},
+            "checkpoint": dict(vm.checkpoint),
+            "standby": vm.standby,
+        }
+        if vm.libvirt:
+            entry["libvirt"] = {
+                "uri": lab_libvirt.URI,
+                "domain": lab_libvirt.domain_name(lab.id, vm.name, "{host}"),
             }
-        )
+        else:
+            entry["boot"] = {
+                "kernel": str(guest.kernel),
+                "initrd": str(guest.initrd),
+                "append": vm_append(lab, vms, i),
+            }
+        doc["vms"].append(entry)
     return doc
+
+
+def vm_disk(lab: Lab, host: str, name: str) -> Path:
+    """VM ``name``'s disk image on lab host ``host``."""
+    return host_dirs(lab, host)[0] / "images" / f"{name}.raw"
+
+
+def vm_mac(lab: Lab, index: int) -> str:
+    """The MAC of the NIC of the lab's ``index``-th VM."""
+    return f"52:54:00:88:{lab.index:02x}:{index + 1:02x}"
+
+
+def vm_append(lab: Lab, vms: Sequence[VmPlan], index: int) -> str:
+    """The guest kernel command line of the lab's ``index``-th VM (address, workloads)."""
+    subnet = lab.subnet.rsplit(".", 1)[0]
+    vm = vms[index]
+    return guest_append(f"{subnet}.{vm.ip_octet + index}/24", vm.workloads)
+
+
+def define_domains(
+    lab: Lab, vms: Sequence[VmPlan], hosts: Sequence[str], guest: GuestImage
+) -> list[str]:
+    """Define every libvirt VM of the plan on each of ``hosts`` (lab.libvirt); their names."""
+    names: list[str] = []
+    for i, vm in enumerate(vms):
+        if not vm.libvirt:
+            continue
+        for h in hosts:
+            if h not in (vm.primary, vm.secondary):
+                continue
+            name = lab_libvirt.domain_name(lab.id, vm.name, h)
+            emulator = lab_libvirt.emulator_script(
+                lab.workdir / "hosts" / h / "qemu-emulator.sh", lab.netns(h)
+            )
+            lab_libvirt.define(
+                lab_libvirt.domain_xml(
+                    name,
+                    memory_mib=vm.memory_mib,
+                    kernel=guest.kernel,
+                    initrd=guest.initrd,
+                    append=vm_append(lab, vms, i),
+                    emulator=emulator,
+                    disk=vm_disk(lab, h, vm.name),
+                    mac=vm_mac(lab, i),
+                )
+            )
+            names.append(name)
+    return names
 
 
 def vm_address(lab: Lab, vms: Sequence[VmPlan], name: str) -> str:
@@ -309,10 +364,17 @@ class LabCluster:
         self.groups = list(groups)
         self.lab = Lab([*vm_hosts, witness, client], broker=True)
         self.ftd: dict[str, FtdProcess] = {}
+        self.domains: list[str] = []
 
     def __enter__(self) -> LabCluster:
         self.lab.create()
         try:
+            if any(p.libvirt for p in self.plans):
+                if self.guest is None:
+                    raise LabError("VMs need a guest image")
+                for h in self.vm_hosts:
+                    (self.lab.workdir / "hosts" / h).mkdir(parents=True, exist_ok=True)
+                self.domains = define_domains(self.lab, self.plans, self.vm_hosts, self.guest)
             for h in [*self.vm_hosts, self.witness]:
                 doc = cluster_config(
                     self.lab,
@@ -345,7 +407,10 @@ class LabCluster:
     def close(self) -> None:
         for f in self.ftd.values():
             f.stop(timeout=10)
+        problems = [p for p in map(lab_libvirt.remove, self.domains) if p is not None]
         self.lab.destroy()
+        if problems:
+            raise LabError("; ".join(problems))
 
     def vm_address(self, name: str) -> str:
         return vm_address(self.lab, self.plans, name)

@@ -28,6 +28,26 @@ fi
 # The distribution starts a mosquitto on :1883 and libvirtd; the lab runs its own brokers.
 systemctl disable --now mosquitto >/dev/null 2>&1 || true
 
+# A libvirt domain ftd protects opens ftd's COLO taps itself (-netdev tap,ifname=...), and
+# libvirt gives QEMU a private /dev with only cgroup_device_acl's devices: add /dev/net/tun
+# (docs/libvirt.md). An operator's own list is left alone and named instead.
+qconf=/etc/libvirt/qemu.conf
+if grep -Eq '^[[:space:]]*cgroup_device_acl' "$qconf"; then
+    if ! sed -n '/^[[:space:]]*cgroup_device_acl/,/\]/p' "$qconf" | grep -q '"/dev/net/tun"'; then
+        echo "$qconf has its own cgroup_device_acl without \"/dev/net/tun\": add it (docs/libvirt.md)" >&2
+        exit 1
+    fi
+    step "libvirt: qemu.conf lets QEMU open /dev/net/tun"
+else
+    step "libvirt: adding /dev/net/tun to cgroup_device_acl in $qconf"
+    printf '\n# Added by ftd (scripts/setup.sh): QEMU opens the taps of ftd'"'"'s COLO NICs.\ncgroup_device_acl = [\n    "/dev/null", "/dev/full", "/dev/zero",\n    "/dev/random", "/dev/urandom",\n    "/dev/ptmx", "/dev/kvm", "/dev/net/tun"\n]\n' >> "$qconf"
+    # A running libvirtd reads qemu.conf only when it starts.
+    if systemctl try-restart libvirtd >/dev/null 2>&1; then :
+    elif [ -s /run/libvirtd.pid ] && kill -0 "$(cat /run/libvirtd.pid)" 2>/dev/null; then
+        kill "$(cat /run/libvirtd.pid)"; sleep 1; libvirtd -d
+    fi
+fi
+
 stamp=.venv/.ftd-installed
 want=$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

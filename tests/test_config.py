@@ -445,12 +445,20 @@ BROKEN: list[tuple[str, list[tuple[str, object]], dict[str, str]]] = [
     ),
     ("member twice", [("groups[0].members[2]", "v0")], {"groups[0].members[2]": "listed twice"}),
     (
-        "libvirt VM in a group",
+        "libvirt VM on a remote libvirtd",
         [
             ("vms[0].boot", DELETE),
-            ("vms[0].libvirt", {"uri": "x", "domain": "d", "qmp_socket": "/q"}),
+            ("vms[0].libvirt", {"uri": "qemu+ssh://h/system", "domain": "d"}),
         ],
-        {"groups[0].members[0]": "VM 'v0' is a libvirt domain, which ftd lists but does not"},
+        {"vms[0].libvirt.uri": "not a local QEMU driver URI"},
+    ),
+    (
+        "libvirt domain name with a stray brace",
+        [
+            ("vms[0].boot", DELETE),
+            ("vms[0].libvirt", {"uri": "qemu:///system", "domain": "d-{hostname}"}),
+        ],
+        {"vms[0].libvirt.domain": "only {host} is expanded"},
     ),
     ("empty group", [("groups[0].members", [])], {"groups[0].members": "at least 1"}),
     (
@@ -463,7 +471,7 @@ BROKEN: list[tuple[str, list[tuple[str, object]], dict[str, str]]] = [
         [
             ("vms[0].standby", "cold"),
             ("vms[0].boot", DELETE),
-            ("vms[0].libvirt", {"uri": "x", "domain": "d", "qmp_socket": "/q"}),
+            ("vms[0].libvirt", {"uri": "qemu:///system", "domain": "d"}),
             ("groups[0].members", ["v1"]),
         ],
         {"vms[0].standby": "cold standby needs a VM ftd launches (boot), not a libvirt domain"},
@@ -538,11 +546,17 @@ VALID_VARIANTS: list[tuple[str, list[tuple[str, object]]]] = [
     ),
     ("binary instead of tree", [("qemu", {"binary": "/usr/bin/qemu-system-x86_64"})]),
     (
-        "libvirt VM",
+        "libvirt VM in a group, a domain name per host",
         [
             ("vms[0].boot", DELETE),
-            ("vms[0].libvirt", {"uri": "x", "domain": "d", "qmp_socket": "/q"}),
-            ("groups[0].members", ["v1"]),
+            ("vms[0].libvirt", {"uri": "qemu:///system", "domain": "lab-{host}"}),
+        ],
+    ),
+    (
+        "libvirt VM with an extra QMP socket, session URI",
+        [
+            ("vms[0].boot", DELETE),
+            ("vms[0].libvirt", {"uri": "qemu:///session", "domain": "d", "qmp_socket": "/q"}),
         ],
     ),
     ("no nics, no groups", [("vms[0].nics", []), ("groups", [])]),

@@ -269,7 +269,9 @@ def test_ftd_hears_only_its_scope() -> None:
                 p.stop()
 
 
-def test_a_libvirt_vm_is_listed_as_not_managed_and_requests_say_why(lab: Lab) -> None:
+def test_a_libvirt_vm_whose_domain_is_missing_fails_to_launch_with_the_reason(
+    lab: Lab,
+) -> None:
     doc = cluster_config(lab, "a", vm_hosts=["a"], witnesses=["w"], vms=[], guest=None)
     # A second VM host that never comes up: the libvirt VM's secondary.
     doc["cluster"]["hosts"].append({"name": "b", "address": "192.0.2.2"})
@@ -279,25 +281,35 @@ def test_a_libvirt_vm_is_listed_as_not_managed_and_requests_say_why(lab: Lab) ->
             "primary": "a",
             "secondary": "b",
             "memory_mib": 128,
-            "libvirt": {
-                "uri": "qemu:///system",
-                "domain": "db",
-                "qmp_socket": "/var/lib/libvirt/qemu/ftd-db.qmp",
-            },
-            "disk": {"path": "/var/lib/libvirt/images/db.raw", "size_mib": 64},
+            "libvirt": {"uri": "qemu:///system", "domain": "ftdtest-no-such-{host}"},
+            "disk": {"path": str(lab.workdir / "db.raw"), "size_mib": 64},
             "ports": {"base": 20000},
         }
     )
+    w_doc = cluster_config(lab, "w", vm_hosts=["a"], witnesses=["w"], vms=[], guest=None)
+    w_doc["cluster"], w_doc["vms"] = doc["cluster"], doc["vms"]
+    w = FtdProcess(lab, "w", write_config(lab, "w", w_doc), witness=True)
     a = FtdProcess(lab, "a", write_config(lab, "a", doc))
+    w.start()
     a.start()
+    w.wait_ready()
     st = a.wait_ready()
-    assert st["vms"] == []
-    (u,) = st["unmanaged_vms"]
-    assert u["name"] == "db" and "libvirt domain db" in u["reason"], u
-    assert "is not protected: ftd does not yet pair libvirt-owned domains" in u["reason"], u
-    assert f"db: NOT MANAGED: {u['reason']}" in a.ctl("status").stdout
-    events = json.loads(a.ctl("events", "--json").stdout)
-    assert any(e["message"] == u["reason"] and e["severity"] == "warning" for e in events), events
-    r = a.ctl("protect", "db", check=False)
-    assert r.returncode != 0 and u["reason"] in r.stderr, r
+    (vm,) = st["vms"]
+    assert vm["name"] == "db" and vm["state"] == "stopped", vm
+    deadline = time.monotonic() + 30
+    while not a.status()["quorum"]["has"]:
+        assert time.monotonic() < deadline, a.status()["quorum"]
+        time.sleep(0.2)
+    a.ctl("protect", "db")
+    deadline = time.monotonic() + 30
+    while True:
+        events = json.loads(a.ctl("events", "--json").stdout)
+        failed = [e for e in events if "domain ftdtest-no-such-a" in e["message"]]
+        if failed or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert failed and failed[-1]["severity"] == "error", events
+    assert "must exist, shut off, on this host: virsh define" in failed[-1]["message"], failed
+    assert a.status()["vms"][0]["qemu_pid"] is None
     assert a.stop() == 0
+    assert w.stop() == 0

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -26,18 +27,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ftd.errors import QemuError
+from ftd.errors import LabError, QemuError
 from ftd.libvirt import LibvirtDisconnectedError, LibvirtError
 from ftd.libvirt.check import (
     Finding,
     Severity,
     check_domain,
     check_domain_xml,
+    check_tun_acl,
     render_json,
     render_table,
     verdict,
 )
 from ftd.libvirt.domain import (
+    QEMU_NS,
     DomainState,
     LibvirtDomain,
     QmpSocketSpec,
@@ -47,9 +50,14 @@ from ftd.libvirt.domain import (
     qmp_sockets,
 )
 from ftd.libvirt.events import LibvirtEvents, LifecycleKind, lifecycle_event
-from ftd.qemu.process import process_state
+from ftd.libvirt.render import render_live_xml
+from ftd.qemu.cmdline import Embedding
+from ftd.qemu.process import QemuProcess, process_state
 from ftd.qemu.qmp import QmpSession
-from ftd.qemu.runtime import QemuVersion
+from ftd.qemu.runtime import QemuRuntime, QemuVersion
+from ftd.qemu.spec import QemuVmSpec
+from lab import libvirt as lab_libvirt
+from lab.libvirt import running_libvirtd
 
 URI = "qemu:///system"
 REPO = Path(__file__).resolve().parents[1]
@@ -231,45 +239,51 @@ def test_good_xml_is_all_ok() -> None:
     assert {f.severity for f in findings} == {Severity.OK}, render_table(findings)
     assert set(by_check(findings)) >= {
         "domain-type", "qemu-commandline", "qmp-socket", "acpi", "emulator", "disk", "nic",
-        "vhost", "memory",
+        "pci-slots", "memory",
     }  # fmt: skip
     assert verdict(findings)[0]
 
 
-def test_missing_acpi_qmp_and_vhost_are_errors_with_fixes() -> None:
+def test_missing_acpi_is_an_error_while_qmp_and_nic_backend_are_ftds_business() -> None:
     xml = domain_xml("bad", Path("/x"), acpi=False, qmp=False, nic_driver="vhost")
     findings = check_domain_xml(xml, emulator_version=V11)
-    assert errors_of(findings) == {"acpi", "qemu-commandline", "qmp-socket", "vhost"}
+    # ftd starts the domain with its own monitors and its own COLO NICs (vhost off): the
+    # domain needs neither a QMP socket nor a particular NIC backend.
+    assert errors_of(findings) == {"acpi"}, render_table(findings)
     fixes = {f.check: f.fix for f in findings if f.severity is Severity.ERROR}
     assert "<acpi/>" in fixes["acpi"]
-    assert "-qmp" in fixes["qmp-socket"] and "ftd-bad.qmp,server=on,wait=off" in fixes["qmp-socket"]
-    assert "xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'" in fixes["qemu-commandline"]
-    assert fixes["vhost"] == "<driver name='qemu'/>"
+    assert "ftd adds" in next(f.what for f in findings if f.check == "qemu-commandline")
     ok, reason = verdict(findings)
-    assert not ok and "acpi" in reason and "vhost" in reason
+    assert not ok and "acpi" in reason
     # errors come first, so a person reads them before the ok lines
     assert findings[0].severity is Severity.ERROR
 
 
-def test_virtio_without_driver_element_means_vhost() -> None:
-    findings = check_domain_xml(domain_xml("v", Path("/x"), nic_driver=None), emulator_version=V11)
-    assert errors_of(findings) == {"vhost"}
-    e1000 = domain_xml("v", Path("/x"), nic_driver=None).replace(
-        "<model type='virtio'/>", "<model type='e1000'/>"
-    )
-    assert "vhost" not in errors_of(check_domain_xml(e1000, emulator_version=V11))
+def test_tun_acl_rule() -> None:
+    default = '# cgroup_device_acl = [\n#  "/dev/null", "/dev/net/tun"\n# ]\n'
+    assert check_tun_acl(default).severity is Severity.ERROR
+    own = 'cgroup_device_acl = [\n "/dev/null", "/dev/kvm"\n]\n'
+    finding = check_tun_acl(own)
+    assert finding.severity is Severity.ERROR and "/dev/net/tun" in finding.fix
+    good = 'cgroup_device_acl = [\n "/dev/null",\n "/dev/kvm", "/dev/net/tun"\n]\n'
+    assert check_tun_acl(good).severity is Severity.OK
+
+
+USB_AT_18 = (
+    "<controller type='usb' index='0'>"
+    "<address type='pci' domain='0x0000' bus='0x00' slot='0x18' function='0x0'/></controller>"
+)
 
 
 @pytest.mark.parametrize(
     ("old", "new", "check", "severity"),
     [
         ("<mac address='52:54:00:f7:10:01'/>", "", "mac", Severity.ERROR),
-        ("interface type='ethernet'", "interface type='user'", "nic", Severity.ERROR),
-        ("interface type='ethernet'", "interface type='network'", "nic", Severity.WARNING),
         ("type='raw'", "type='qcow2'", "disk", Severity.ERROR),
         ("<disk type='file'", "<disk type='block'", "disk", Severity.WARNING),
         ("<devices>", "<devices><hostdev mode='subsystem' type='pci'/>", "hostdev", Severity.ERROR),
         ("server=on,wait=off", "server=on", "qmp-socket", Severity.ERROR),
+        ("</devices>", USB_AT_18 + "</devices>", "pci-slots", Severity.ERROR),
         ("unix:/var/lib/libvirt/qemu/", "unix:/tmp/", "qmp-socket", Severity.ERROR),
         ("domain type='qemu'", "domain type='xen'", "domain-type", Severity.ERROR),
         ("<vcpu>1</vcpu>", "", "memory", Severity.ERROR),
@@ -322,6 +336,75 @@ def test_renderers() -> None:
     assert len(doc["findings"]) == len(findings)
 
 
+# ---------------------------------------------------------------- pure: render_live_xml
+
+MAC = "52:54:00:f7:10:01"
+
+
+def ftd_args(embed: Embedding) -> list[str]:
+    return ["-drive", f"if=none,id=colo-disk0,{embed.addr(0)}", "-serial" if embed.serial else ""]
+
+
+def test_render_swaps_disk_and_nic_for_ftds_devices() -> None:
+    xml = domain_xml("r", Path("/x"))
+    live = render_live_xml(xml, disk_path=Path("/x/disk.raw"), macs=[MAC], args_for=ftd_args)
+    root = ET.fromstring(live)
+    assert root.find("devices/disk") is None and root.find("devices/interface") is None
+    assert root.findtext("name") == "r" and root.find("devices/serial") is not None
+    args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
+    # The operator's own extra monitor stays; ftd's arguments follow it. The domain has a
+    # serial port, so ftd adds none; pc's root bus is pci.0.
+    assert args[:2] == ["-qmp", f"unix:{SOCKET_DIR}/ftd-r.qmp,server=on,wait=off"]
+    assert args[2:] == ["-drive", "if=none,id=colo-disk0,bus=pci.0,addr=0x18", ""]
+    # The input is not changed; without a <qemu:commandline> one is made; q35 uses pcie.0.
+    assert "<disk" in xml
+    bare = xml.replace("machine='pc'", "machine='q35'")
+    bare = bare[: bare.index("<qemu:commandline>")] + "</domain>"
+    bare = bare.replace("<serial type='file'><source path='/x/console.log'/>", "<!--")
+    bare = bare.replace("<target port='0'/></serial>", "-->")
+    live = render_live_xml(bare, disk_path=Path("/x/disk.raw"), macs=[MAC], args_for=ftd_args)
+    args = [a.get("value") for a in ET.fromstring(live).iter(f"{{{QEMU_NS}}}arg")]
+    assert args == ["-drive", "if=none,id=colo-disk0,bus=pcie.0,addr=0x18", "-serial"]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "disk", "macs", "error"),
+    [
+        ("", "", "/y/disk.raw", [MAC], "no <disk> with source /y/disk.raw"),
+        ("", "", "/x/disk.raw", ["52:54:00:00:00:99"], "interface 52:54:00:f7:10:01 is not one"),
+        ("<mac address='52:54:00:f7:10:01'/>", "", "/x/disk.raw", [MAC], "(no MAC)"),
+        (
+            "</devices>",
+            "<disk type='file' device='disk'><source file='/x/b.raw'/><target dev='vdb'/>"
+            "</disk></devices>",
+            "/x/disk.raw",
+            [MAC],
+            "disk vdb (/x/b.raw) is not the VM's configured disk",
+        ),
+        ("</devices>", "<hostdev mode='subsystem' type='pci'/></devices>", "/x/disk.raw", [MAC],
+         "<hostdev> cannot be migrated"),
+        ("</devices>", USB_AT_18 + "</devices>", "/x/disk.raw", [MAC], "PCI slot 0x18"),
+        ("<devices>", "", "/x/disk.raw", [MAC], "not well-formed"),
+    ],
+)  # fmt: skip
+def test_render_refuses_what_ftd_cannot_protect(
+    old: str, new: str, disk: str, macs: list[str], error: str
+) -> None:
+    xml = domain_xml("r", Path("/x")).replace(old, new) if old else domain_xml("r", Path("/x"))
+    with pytest.raises(LibvirtError) as refused:
+        render_live_xml(xml, disk_path=Path(disk), macs=macs, args_for=ftd_args)
+    assert error in str(refused.value)
+
+
+def test_render_keeps_a_readonly_cdrom() -> None:
+    cdrom = "<disk type='file' device='cdrom'><source file='/x/i.iso'/><target dev='hdc'/></disk>"
+    ro = "<disk type='file' device='disk'><source file='/x/r.raw'/><readonly/></disk>"
+    xml = domain_xml("r", Path("/x")).replace("</devices>", cdrom + ro + "</devices>")
+    live = render_live_xml(xml, disk_path=Path("/x/disk.raw"), macs=[MAC], args_for=ftd_args)
+    sources = [d.find("source").get("file") for d in ET.fromstring(live).iter("disk")]  # type: ignore[union-attr]
+    assert sources == ["/x/i.iso", "/x/r.raw"]
+
+
 # ---------------------------------------------------------------- real: libvirtd fixture
 
 
@@ -329,13 +412,6 @@ def _virsh(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str
     return subprocess.run(
         ["virsh", "-c", URI, *args], capture_output=True, text=True, timeout=timeout, check=False
     )
-
-
-def _alive() -> bool:
-    try:
-        return _virsh("uri", timeout=15).returncode == 0
-    except subprocess.TimeoutExpired:
-        return False
 
 
 def _pid_from(pidfile: Path) -> int | None:
@@ -362,60 +438,14 @@ def _stop(pid: int) -> bool:
 
 @pytest.fixture(scope="session")
 def libvirtd() -> Iterator[str]:
-    """A running libvirtd for ``qemu:///system``: the host's if up, else one started here
-    (systemctl, else ``virtlogd -d`` + ``libvirtd -d``) and stopped at teardown.
-
-    Fails the test, with what was tried, when none can be had.
-    """
-    if _alive():
-        yield URI
-        return
-    tried: list[str] = []
-    started: list[int] = []
-    via_systemd = False
+    """A running libvirtd for ``qemu:///system`` (lab.libvirt.running_libvirtd: the host's,
+    else one started here and stopped at teardown). Fails the test, with what was tried, when
+    none can be had."""
     try:
-        sysd = subprocess.run(
-            ["systemctl", "start", "libvirtd"],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        tried.append(f"systemctl start libvirtd: rc={sysd.returncode} {sysd.stderr.strip()}")
-        via_systemd = sysd.returncode == 0
-    except (OSError, subprocess.TimeoutExpired) as err:
-        tried.append(f"systemctl start libvirtd: {err}")
-    if not via_systemd:
-        # libvirtd's QEMU driver sends QEMU's stdout/stderr to virtlogd (stdio_handler=logd).
-        for daemon, pidfile in (
-            ("virtlogd", "/run/virtlogd.pid"),
-            ("libvirtd", "/run/libvirtd.pid"),
-        ):
-            if _pid_from(Path(pidfile)) is not None:
-                continue
-            run = subprocess.run(
-                [daemon, "-d"], check=False, capture_output=True, text=True, timeout=60
-            )
-            tried.append(f"{daemon} -d: rc={run.returncode} {run.stderr.strip()}")
-            deadline = time.monotonic() + 10
-            while (pid := _pid_from(Path(pidfile))) is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if pid is not None:
-                started.append(pid)
-    deadline = time.monotonic() + 30
-    while not _alive() and time.monotonic() < deadline:
-        time.sleep(0.3)
-    if not _alive():
-        for pid in reversed(started):
-            _stop(pid)
-        pytest.fail("cannot get a libvirtd for qemu:///system; tried: " + "; ".join(tried))
-    yield URI
-    if via_systemd:
-        subprocess.run(
-            ["systemctl", "stop", "libvirtd"], check=False, capture_output=True, timeout=60
-        )
-    leftovers = [pid for pid in reversed(started) if not _stop(pid)]
-    assert not leftovers, f"libvirt daemons {leftovers} needed SIGKILL"
+        with running_libvirtd() as uri:
+            yield uri
+    except LabError as err:
+        pytest.fail(str(err))
 
 
 @pytest.fixture
@@ -521,7 +551,8 @@ async def test_transient_domain_lifecycle_events_and_qmp(
                     workdir / "console.log", "ftd-guest up", BOOT_TIMEOUT_S
                 )
                 findings = await asyncio.to_thread(check_domain, libvirtd, name)
-                assert not errors_of(findings), render_table(findings)
+                # ftd starts a domain from its definition: a transient one has none.
+                assert errors_of(findings) == {"defined"}, render_table(findings)
                 assert by_check(findings)["emulator"] == {Severity.OK}
                 assert "(present)" in next(f.what for f in findings if f.check == "qmp-socket")
 
@@ -576,6 +607,13 @@ async def test_defined_domain_start_stop(libvirtd: str, cleanup: list[str], work
             # stopped: the emulator's own --version is what check_domain can ask
             findings = await asyncio.to_thread(check_domain, libvirtd, name)
             assert {f.severity for f in findings} == {Severity.OK}, render_table(findings)
+            assert {"defined", "tun-acl"} <= set(by_check(findings)), render_table(findings)
+            # libvirtd starting it at boot would be a second guest: an error, with the fix.
+            assert (await asyncio.to_thread(lab_libvirt.virsh, "autostart", name)).returncode == 0
+            findings = await asyncio.to_thread(check_domain, libvirtd, name)
+            assert errors_of(findings) == {"autostart"}, render_table(findings)
+            assert findings[0].fix == f"virsh autostart --disable {name}"
+            await asyncio.to_thread(lab_libvirt.virsh, "autostart", "--disable", name)
 
             t0 = time.monotonic()
             await dom.start()
@@ -603,9 +641,7 @@ async def test_check_domain_finds_bad_domain_and_libvirt_refuses_no_acpi(
     xml = domain_xml(name, workdir, acpi=False, qmp=False, nic_driver=None)
     async with await LibvirtDomain.define(libvirtd, xml) as dom:
         findings = await asyncio.to_thread(check_domain, libvirtd, name)
-        assert errors_of(findings) == {"acpi", "qemu-commandline", "qmp-socket", "vhost"}, (
-            render_table(findings)
-        )
+        assert errors_of(findings) == {"acpi"}, render_table(findings)
         with pytest.raises(LibvirtError, match="no extra QMP socket"):
             await dom.qmp_socket()
         with pytest.raises(LibvirtError, match="-no-acpi") as refused:
@@ -684,5 +720,46 @@ async def test_hung_libvirtd_is_an_error_after_keepalive(libvirtd: str) -> None:
             lost_s = time.monotonic() - t0
         finally:
             os.kill(pid, signal.SIGCONT)
-    assert await asyncio.to_thread(_alive)
+    assert await asyncio.to_thread(lab_libvirt.alive)
     print(f"\nfrozen libvirtd reported after {lost_s:.1f} s (keepalive 1 s x 2)")
+
+
+@pytest.mark.real
+@pytest.mark.asyncio(loop_scope="session")
+async def test_ftd_refuses_to_start_a_domain_already_running_or_undefined(
+    libvirtd: str, cleanup: list[str], workdir: Path
+) -> None:
+    """ftd starts a protected domain itself; one running already (an operator's start) would be
+    a second guest: refused with the reason, and the running domain is left alone."""
+    name = _unique("busy")
+    cleanup.append(name)
+
+    def spec(domain: str) -> QemuVmSpec:
+        return QemuVmSpec(
+            name="busy",
+            memory_mib=128,
+            vcpus=1,
+            accel="tcg",
+            machine="pc",
+            kernel=None,
+            initrd=None,
+            append="",
+            disk_path=workdir / "disk.raw",
+            disk_size_mib=16,
+            overlay_dir=workdir / "colo",
+            nics=(),
+            run_dir=workdir / "run",
+            local_address="192.0.2.1",
+            peer_address="192.0.2.2",
+            port_base=20000,
+            libvirt=(libvirtd, domain),
+        )
+
+    async with await LibvirtDomain.define(libvirtd, domain_xml(name, workdir)) as dom:
+        await dom.start()
+        pid = await dom.pid()
+        with pytest.raises(QemuError, match=f"libvirt domain {name} is running on this host"):
+            await QemuProcess.launch(spec(name), "primary", QemuRuntime())
+        assert await dom.pid() == pid and await dom.state() is DomainState.RUNNING
+    with pytest.raises(LibvirtError, match=r"no such domain|[Dd]omain not found"):
+        await QemuProcess.launch(spec(name + "-none"), "primary", QemuRuntime())

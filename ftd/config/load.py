@@ -502,8 +502,32 @@ def _vm_rules(vm: Any, path: str, out: _Issues) -> None:
             )
         elif vm.boot is not None and vm.libvirt is not None:
             out.add(_at(path, "libvirt"), "boot and libvirt are mutually exclusive")
+    if _ok(vm.libvirt) and vm.libvirt is not None:
+        _libvirt_rules(vm.libvirt, _at(path, "libvirt"), out)
     if _ok(vm.primary, vm.secondary) and vm.primary == vm.secondary:
         out.add(_at(path, "secondary"), f"must differ from primary ({vm.primary!r})")
+
+
+_LOCAL_QEMU_URIS = ("qemu:///system", "qemu:///session")
+
+
+def _libvirt_rules(lv: Any, path: str, out: _Issues) -> None:
+    if _ok(lv.uri) and lv.uri.replace("{host}", "") != lv.uri:
+        out.add(_at(path, "uri"), "{host} is only expanded in domain")
+    elif _ok(lv.uri) and lv.uri.split("?", 1)[0] not in _LOCAL_QEMU_URIS:
+        out.add(
+            _at(path, "uri"),
+            f"{lv.uri!r} is not a local QEMU driver URI ({' or '.join(_LOCAL_QEMU_URIS)}, "
+            "optionally with ?socket=...): ftd drives the QEMU of its own host",
+        )
+    if _ok(lv.domain):
+        rest = lv.domain.replace("{host}", "")
+        if "{" in rest or "}" in rest or "/" in lv.domain:
+            out.add(
+                _at(path, "domain"),
+                f"{lv.domain!r}: a domain name, where only {{host}} is expanded (no / nor other "
+                "braces)",
+            )
 
 
 def _group_rules(group: Any, path: str, out: _Issues) -> None:
@@ -552,8 +576,8 @@ def _vm_uniqueness(cfg: Any, out: _Issues) -> None:
         if _ok(vm.standby, vm.libvirt) and vm.standby == "cold" and vm.libvirt is not None:
             out.add(
                 _at("vms", i, "standby"),
-                "cold standby needs a VM ftd launches (boot), not a libvirt domain: ftd "
-                "restarts the guest from the replicated disk itself",
+                "cold standby needs a VM ftd launches (boot), not a libvirt domain: this "
+                "release pairs libvirt domains as hot (COLO) standbys only",
             )
         if _ok(vm.name):
             if vm.name in names:
@@ -626,13 +650,6 @@ def _group_refs(cfg: Any, out: _Issues) -> None:
                     f"VM {member!r} is already in group {owner[member]!r}",
                 )
             owner.setdefault(member, label)
-            if _ok(vms[member].libvirt) and vms[member].libvirt is not None:
-                out.add(
-                    _at("groups", i, "members", j),
-                    f"VM {member!r} is a libvirt domain, which ftd lists but does not protect "
-                    "yet (docs/libvirt.md): a group of it would wait on a member that never "
-                    "reports",
-                )
             standby = vms[member].standby
             if group.policy == "rollback" and _ok(standby) and standby != "hot":
                 out.add(

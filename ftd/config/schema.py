@@ -443,9 +443,25 @@ class Boot:
 class Libvirt:
     """A VM whose domain libvirt owns; ftd drives it through an extra QMP socket."""
 
-    uri: str = field(metadata=doc("libvirt connection URI, e.g. qemu:///system"))
-    domain: str = field(metadata=doc("libvirt domain name"))
-    qmp_socket: Path = field(metadata=doc("the extra QMP socket the domain's XML declares"))
+    uri: str = field(
+        metadata=doc(
+            "libvirt connection URI of the libvirtd on each host: qemu:///system or "
+            "qemu:///session (ftd drives the QEMU of its own host)"
+        )
+    )
+    domain: str = field(
+        metadata=doc(
+            "the domain's name, defined (shut off) on both hosts with the VM's disk and NICs; "
+            "{host} is replaced by the host's name (a lab with one libvirtd for every host)"
+        )
+    )
+    qmp_socket: Path | None = field(
+        default=None,
+        metadata=doc(
+            "an extra QMP socket the domain's XML declares for other tools (optional: ftd adds "
+            "its own monitors when it starts the domain)"
+        ),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -604,9 +620,9 @@ class Vm:
     libvirt: Libvirt | None = field(
         default=None,
         metadata=doc(
-            "a libvirt-owned domain; exactly one of boot and libvirt is given. Listed in "
-            "status as NOT MANAGED: this release does not protect libvirt domains yet "
-            "(docs/libvirt.md), nor groups them"
+            "a domain libvirt owns: ftd starts it on the host that runs the guest, with the "
+            "COLO disk and NICs added (docs/libvirt.md); exactly one of boot and libvirt is "
+            "given"
         ),
     )
     disk: Disk = field(metadata=doc("the VM's disk"))

@@ -76,15 +76,6 @@ def runtime_for(cfg: Config) -> QemuRuntime:
     return QemuRuntime(tree=cfg.qemu.runtime_tree)
 
 
-def unmanaged_reason(vm: str, domain: str) -> str:
-    """Why ftd lists a libvirt-owned VM and does not run it (status, events, refused requests)."""
-    return (
-        f"vm {vm} (libvirt domain {domain}) is not protected: ftd does not yet pair "
-        "libvirt-owned domains (COLO's replication needs a quorum node that libvirt's disk "
-        "graph lacks, docs/libvirt.md); ftctl libvirt check reports what the domain needs"
-    )
-
-
 def reprotect_backoff_s(tries: int) -> float:
     """Seconds between automatic reprotect attempts after ``tries`` that failed in a row:
     5 s, then doubling up to 30 s. Short enough that a VM is protected again soon after a
@@ -133,8 +124,6 @@ class Daemon:
         )
         self.bus: MqttBus | None = None
         self.runners: dict[str, VmRunner] = {}
-        #: VMs placed on this host that ftd does not run (libvirt domains), with the reason.
-        self.unmanaged: dict[str, str] = {}
         self.lease = LeaseTiming.from_cluster(cfg.cluster)
         self.self_fence = SelfFenceClock(self.lease.lease_s, started_at=time.monotonic())
         self.own_hb_at: float | None = None
@@ -192,10 +181,7 @@ class Daemon:
         if self.role == "vm-host":
             rt = runtime_for(self.cfg)
             for vm in self.cfg.vms:
-                if self.cfg.host in (vm.primary, vm.secondary) and vm.libvirt is not None:
-                    self.unmanaged[vm.name] = unmanaged_reason(vm.name, vm.libvirt.domain)
-                    self.events.record("vm", self.unmanaged[vm.name], "warning", vm=vm.name)
-                if self.cfg.host in (vm.primary, vm.secondary) and vm.boot is not None:
+                if self.cfg.host in (vm.primary, vm.secondary):
                     runner = VmRunner(self.cfg, vm, rt, self.bus, self.events)
                     if self.group_sync is not None:
                         runner.on_takeover = self.group_sync.on_local_takeover
@@ -595,8 +581,6 @@ class Daemon:
 
     def _runner(self, name: str) -> VmRunner:
         r = self.runners.get(name)
-        if r is None and name in self.unmanaged:
-            raise RequestError(self.unmanaged[name])
         if r is None:
             known = ", ".join(sorted(self.runners)) or "none"
             raise RequestError(f"no VM {name!r} on host {self.cfg.host} (VMs here: {known})")
@@ -806,5 +790,4 @@ class Daemon:
                 },
             },
             "vms": [r.status() for r in self.runners.values()],
-            "unmanaged_vms": [{"name": n, "reason": why} for n, why in self.unmanaged.items()],
         }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 import stat
 import subprocess
 import xml.etree.ElementTree as ET
@@ -29,6 +30,7 @@ import libvirt_qemu  # type: ignore[import-untyped]
 from ftd.errors import FtError
 from ftd.libvirt import LibvirtError
 from ftd.libvirt.domain import QEMU_NS, parse_domain_xml, qmp_sockets, wrap_error
+from ftd.libvirt.render import SLOTS as FTD_SLOTS
 from ftd.qemu.runtime import QemuVersion, colo_verdict, parse_version
 
 SOCKET_DIR = Path("/var/lib/libvirt/qemu")
@@ -36,7 +38,6 @@ SOCKET_DIR = Path("/var/lib/libvirt/qemu")
 EMULATOR_WRAPPER = Path(__file__).resolve().parents[2] / "scripts/qemu-for-libvirt.sh"
 # sun_path holds 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
-_GOOD_NIC_TYPES = ("bridge", "ethernet")
 _UNIT_BYTES = {
     "b": 1,
     "bytes": 1,
@@ -143,21 +144,19 @@ def _check_commandline(root: ET.Element, name: str) -> Finding:
         )
     return Finding(
         "qemu-commandline",
-        Severity.ERROR,
-        "no <qemu:commandline>: libvirt offers no way for ftd to reach QEMU for COLO",
-        commandline_fragment(name),
+        Severity.OK,
+        "no <qemu:commandline>: ftd adds one with its COLO devices when it starts the domain",
     )
 
 
 def _check_qmp(xml: str, name: str, socket_live: bool | None) -> Finding:
     specs = qmp_sockets(xml)
-    fix = commandline_fragment(name)
     if not specs:
         return Finding(
             "qmp-socket",
-            Severity.ERROR,
-            "no extra QMP socket (-qmp unix:...) in <qemu:commandline>",
-            fix,
+            Severity.OK,
+            "no extra QMP socket: none needed (ftd adds its own monitors when it starts the "
+            "domain; one for other tools is optional)",
         )
     usable = [s for s in specs if s.usable]
     if not usable:
@@ -281,66 +280,83 @@ def _check_nics(root: ET.Element) -> list[Finding]:
         return [
             Finding(
                 "nic",
-                Severity.WARNING,
-                "no network interface: colo-compare has no output to compare",
+                Severity.OK,
+                "no network interface in the XML: ftd adds the VM's configured NICs",
             )
         ]
     found: list[Finding] = []
     for i, nic in enumerate(nics):
-        ntype = nic.get("type", "")
         mac_elem = nic.find("mac")
         mac = mac_elem.get("address", "") if mac_elem is not None else ""
         label = f"interface {i} ({mac or 'no mac'})"
-        if ntype in _GOOD_NIC_TYPES:
-            found.append(Finding("nic", Severity.OK, f"{label}: type {ntype} (tap)"))
-        elif ntype == "network":
-            found.append(
-                Finding(
-                    "nic",
-                    Severity.WARNING,
-                    f"{label}: type network: works when the libvirt network is a bridge the "
-                    "peer host shares at layer 2",
-                    "<interface type='bridge'><source bridge='br0'/>",
-                )
-            )
-        else:
-            found.append(
-                Finding(
-                    "nic",
-                    Severity.ERROR,
-                    f"{label}: type {ntype!r}: ftd needs a tap netdev (type bridge or ethernet)",
-                    "<interface type='bridge'><source bridge='br0'/>",
-                )
-            )
         if not mac:
             found.append(
                 Finding(
                     "mac",
                     Severity.ERROR,
-                    f"{label}: no fixed MAC: primary and secondary must present the same one",
-                    "<mac address='52:54:00:xx:xx:xx'/>",
-                )
-            )
-        model_elem = nic.find("model")
-        model = model_elem.get("type", "") if model_elem is not None else ""
-        driver_elem = nic.find("driver")
-        backend = driver_elem.get("name", "") if driver_elem is not None else ""
-        if model == "virtio" and backend != "qemu":
-            why = "driver vhost" if backend == "vhost" else "no <driver name='qemu'/>"
-            found.append(
-                Finding(
-                    "vhost",
-                    Severity.ERROR,
-                    f"{label}: virtio with {why}: libvirt uses vhost-net when it can, and "
-                    "COLO's filters need vhost=off",
-                    "<driver name='qemu'/>",
+                    f"{label}: no fixed MAC: ftd replaces each interface by the configured NIC "
+                    "of the same MAC, and both hosts must present it",
+                    "<mac address='52:54:00:xx:xx:xx'/>  (and the same in ftd's nics)",
                 )
             )
         else:
             found.append(
-                Finding("vhost", Severity.OK, f"{label}: vhost off (model {model or 'default'})")
+                Finding(
+                    "nic",
+                    Severity.OK,
+                    f"{label}: ftd starts the domain with its COLO NIC of this MAC in its place "
+                    "(a tap on the configured bridge, vhost off); every MAC must be in ftd's "
+                    "nics",
+                )
             )
     return found
+
+
+def _check_slots(root: ET.Element) -> list[Finding]:
+    taken = []
+    for address in root.iter("address"):
+        if address.get("type") != "pci" or address.get("slot") is None:
+            continue
+        try:
+            bus, slot = int(address.get("bus", "0"), 0), int(address.get("slot", ""), 0)
+        except ValueError:
+            continue
+        if bus == 0 and slot in FTD_SLOTS:
+            taken.append(slot)
+    if not taken:
+        return [
+            Finding(
+                "pci-slots",
+                Severity.OK,
+                f"PCI slots {FTD_SLOTS.start:#04x}..{FTD_SLOTS.stop - 1:#04x} free for ftd's "
+                "disk and NICs",
+            )
+        ]
+    return [
+        Finding(
+            "pci-slots",
+            Severity.ERROR,
+            f"a device sits at PCI slot {taken[0]:#04x}, which ftd's disk and NICs use "
+            f"({FTD_SLOTS.start:#04x}..{FTD_SLOTS.stop - 1:#04x})",
+            "remove that device's <address> (libvirt assigns a free slot) or move it",
+        )
+    ]
+
+
+def check_tun_acl(conf: str) -> Finding:
+    """Whether qemu.conf (its text) lets a domain's QEMU open ftd's taps: libvirt gives QEMU
+    a private /dev holding only ``cgroup_device_acl``'s devices."""
+    match = re.search(r"^\s*cgroup_device_acl\s*=\s*\[(.*?)\]", conf, re.M | re.S)
+    if match is not None and '"/dev/net/tun"' in match.group(1):
+        return Finding("tun-acl", Severity.OK, "qemu.conf: cgroup_device_acl has /dev/net/tun")
+    return Finding(
+        "tun-acl",
+        Severity.ERROR,
+        "qemu.conf: cgroup_device_acl does not list /dev/net/tun: the domain's QEMU cannot "
+        "open ftd's COLO taps (Could not open '/dev/net/tun')",
+        'cgroup_device_acl = [ "/dev/null", "/dev/full", "/dev/zero", "/dev/random",\n'
+        '  "/dev/urandom", "/dev/ptmx", "/dev/kvm", "/dev/net/tun" ]  (then restart libvirtd)',
+    )
 
 
 def _check_hostdev(root: ET.Element) -> list[Finding]:
@@ -399,6 +415,7 @@ def check_domain_xml(
         _check_emulator(root, accel, emulator_version),
         *_check_disks(root),
         *_check_nics(root),
+        *_check_slots(root),
         *_check_hostdev(root),
         _check_memory(root),
     ]
@@ -474,15 +491,54 @@ def _socket_live(xml: str) -> bool:
 
 def _domain_facts(
     conn: libvirt.virConnect, name: str, local: bool, timeout_s: float
-) -> tuple[str, bool, QemuVersion | None]:
+) -> tuple[str, bool, bool, bool, QemuVersion | None]:
     dom = conn.lookupByName(name)
-    xml: str = dom.XMLDesc(0)
+    # The persistent definition: what ftd starts the domain from (a running domain's live
+    # XML may already carry ftd's devices).
+    persistent = dom.isPersistent() == 1
+    xml: str = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if persistent else 0)
+    autostart = persistent and dom.autostart() == 1
     running = dom.isActive() == 1
     try:
         version = _emulator_version(dom, xml, running, local, timeout_s)
     except (libvirt.libvirtError, KeyError, ValueError, TypeError):
         version = None
-    return xml, running, version
+    return xml, running, persistent, autostart, version
+
+
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+
+
+def _host_findings(uri: str, persistent: bool, autostart: bool, name: str) -> list[Finding]:
+    found = []
+    if autostart:
+        found.append(
+            Finding(
+                "autostart",
+                Severity.ERROR,
+                "autostart is on: libvirtd would start the guest at boot on a host where ftd "
+                "runs it already elsewhere (a second guest); ftd starts the domain itself",
+                f"virsh autostart --disable {name}",
+            )
+        )
+    if persistent:
+        found.append(Finding("defined", Severity.OK, "defined (persistent): ftd starts it"))
+    else:
+        found.append(
+            Finding(
+                "defined",
+                Severity.ERROR,
+                f"{name} is transient: ftd starts the domain itself, from its definition on "
+                "each host, so it must be defined there",
+                f"virsh dumpxml {name} > {name}.xml && virsh define {name}.xml",
+            )
+        )
+    if urlsplit(uri).path == "/system":
+        try:
+            found.append(check_tun_acl(QEMU_CONF.read_text()))
+        except OSError as err:
+            found.append(Finding("tun-acl", Severity.WARNING, f"cannot read {QEMU_CONF}: {err}"))
+    return found
 
 
 def check_domain(uri: str, name: str, *, timeout_s: float = 20.0) -> list[Finding]:
@@ -498,11 +554,14 @@ def check_domain(uri: str, name: str, *, timeout_s: float = 20.0) -> list[Findin
     except libvirt.libvirtError as err:
         raise LibvirtError(f"{uri}: cannot connect: {err.get_error_message()}") from err
     try:
-        xml, running, version = _domain_facts(conn, name, local, timeout_s)
+        xml, running, persistent, autostart, version = _domain_facts(conn, name, local, timeout_s)
     except libvirt.libvirtError as err:
         # Without its traceback the error does not keep the virDomain (and connection) alive.
         raise wrap_error(f"{uri} domain {name}", err, conn) from err.with_traceback(None)
     finally:
         conn.close()
     socket_live = _socket_live(xml) if running and local else None
-    return check_domain_xml(xml, emulator_version=version, socket_live=socket_live)
+    found = check_domain_xml(xml, emulator_version=version, socket_live=socket_live)
+    found += _host_findings(uri, persistent, autostart, name) if local else []
+    order = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.OK: 2}
+    return sorted(found, key=lambda f: order[f.severity])

@@ -229,6 +229,18 @@ def pidfile_dir(uri: str) -> Path:
     return Path("/run/libvirt/qemu")
 
 
+def log_path(uri: str, name: str) -> Path:
+    """The file libvirt's QEMU driver sends domain ``name``'s QEMU stdout and stderr to, for a
+    local ``uri`` (virtlogd or direct file handler, the same path).
+
+    Raises LibvirtError for a remote URI or a driver other than QEMU.
+    """
+    run = pidfile_dir(uri)
+    if run == Path("/run/libvirt/qemu"):
+        return Path("/var/log/libvirt/qemu") / f"{name}.log"
+    return Path.home() / ".cache/libvirt/qemu/log" / f"{name}.log"
+
+
 def _read_cmdline(pid: int) -> list[str] | None:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -366,6 +378,21 @@ class LibvirtDomain:
             await dom.close()
             raise
         return dom
+
+    async def create_live(self, xml: str) -> None:
+        """Start this (shut off) domain with ``xml`` as its live definition: for a defined
+        domain, libvirt keeps the persistent one and returns to it when the domain stops.
+
+        Raises LibvirtError with libvirt's reason if it refuses (name or UUID mismatch, the
+        domain already running, QEMU failing to start).
+        """
+        await self._run("create from live XML", lambda: self._conn_or_fail().createXML(xml, 0))
+        self._log.info("libvirt_started_live", uri=self.uri)
+
+    def _conn_or_fail(self) -> libvirt.virConnect:
+        if self._conn is None:
+            raise LibvirtError(f"{self.uri} domain {self.name}: not connected")
+        return self._conn
 
     async def state(self) -> DomainState:
         """The domain's state (running, paused, shut off, ...)."""

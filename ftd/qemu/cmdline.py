@@ -18,6 +18,9 @@ Every value reaching the argv was validated by :class:`~ftd.qemu.spec.QemuVmSpec
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ftd.errors import QemuError
 from ftd.qemu.runtime import QemuRuntime
 from ftd.qemu.spec import NicIds, QemuVmSpec
 
@@ -60,7 +63,25 @@ def _control(spec: QemuVmSpec) -> list[str]:
     ]
 
 
-def _common(spec: QemuVmSpec, role: str) -> list[str]:
+@dataclass(frozen=True)
+class Embedding:
+    """Where ftd's devices go when another launcher (libvirt) owns the rest of the command line.
+
+    libvirt writes the machine, memory, vCPUs, kernel and its own devices, numbering PCI slots
+    from 2 up; ftd appends only the VM's COLO disk and NICs (``-device`` at fixed slots from
+    ``first_slot`` on ``bus``, so the two never collide), its monitors and traces, and a serial
+    log when the domain has no serial port of its own.
+    """
+
+    bus: str = "pci.0"
+    first_slot: int = 0x18
+    serial: bool = True
+
+    def addr(self, k: int) -> str:
+        return f"bus={self.bus},addr={self.first_slot + k:#x}"
+
+
+def _machine(spec: QemuVmSpec) -> list[str]:
     args = [
         "-name",
         f"{spec.name},debug-threads=on",
@@ -76,27 +97,48 @@ def _common(spec: QemuVmSpec, role: str) -> list[str]:
         str(spec.memory_mib),
         "-smp",
         str(spec.vcpus),
-        "-serial",
-        f"file:{spec.serial_log}",
-        *_control(spec),
     ]
-    for event in TRACE_EVENTS:
-        args += ["-trace", f"enable={event}"]
     if spec.kernel is not None:
         args += ["-kernel", str(spec.kernel)]
         if spec.initrd is not None:
             args += ["-initrd", str(spec.initrd)]
         if spec.append:
             args += ["-append", spec.append]
+    return args
+
+
+def _common(spec: QemuVmSpec, role: str, embed: Embedding | None) -> list[str]:
+    """Everything but the disk and the COLO parts: machine (unless embedded), serial log,
+    monitors, traces, and the NICs' taps and devices (NIC ``i`` at the embedding's slot
+    ``1 + i``; the disk takes slot 0)."""
+    args = _machine(spec) if embed is None else []
+    if embed is None or embed.serial:
+        args += ["-serial", f"file:{spec.serial_log}"]
+    args += _control(spec)
+    for event in TRACE_EVENTS:
+        args += ["-trace", f"enable={event}"]
     for i, nic in enumerate(spec.nics):
         ids = NicIds(i)
+        where = "" if embed is None else f",{embed.addr(1 + i)}"
         args += [
             "-netdev",
             f"tap,id={ids.netdev},ifname={spec.tap(i, role)},script=no,downscript=no,vhost=off",
             "-device",
-            f"e1000,id={ids.device},netdev={ids.netdev},mac={nic.mac}",
+            f"e1000,id={ids.device},netdev={ids.netdev},mac={nic.mac}{where}",
         ]
     return args
+
+
+def _guest_disk(options: str, embed: Embedding | None) -> list[str]:
+    """The guest-visible disk ``colo-disk0`` built from ``options`` (driver and children)."""
+    if embed is None:
+        return ["-drive", f"if=virtio,id={DISK_ID},{options}"]
+    return [
+        "-drive",
+        f"if=none,id={DISK_ID},{options}",
+        "-device",
+        f"virtio-blk-pci,id={DISK_ID}-dev,drive={DISK_ID},{embed.addr(0)}",
+    ]
 
 
 def primary_net_chardevs(spec: QemuVmSpec, ids: NicIds) -> list[tuple[str, str]]:
@@ -163,24 +205,29 @@ def _object_option(obj: dict[str, str]) -> str:
     return f"{obj['qom-type']},{rest}"
 
 
-def primary_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
-    """The argv starting ``spec`` as a COLO primary (not yet protected), or as a cold
-    standby's plain primary."""
-    args = _common(spec, "primary")
+def primary_args(spec: QemuVmSpec, embed: Embedding | None = None) -> list[str]:
+    """QEMU's arguments for ``spec`` as a COLO primary (not yet protected), or as a cold
+    standby's plain primary; with ``embed``, only ftd's part (libvirt writes the rest)."""
+    args = _common(spec, "primary", embed)
     if spec.cold:
-        args += ["-drive", f"if=virtio,id={DISK_ID},driver=raw,file.filename={spec.disk_path}"]
-        return runtime.argv("qemu-system-x86_64", *args)
-    args += [
-        "-drive",
-        f"if=virtio,id={DISK_ID},driver=quorum,read-pattern=fifo,vote-threshold=1,"
+        return args + _guest_disk(f"driver=raw,file.filename={spec.disk_path}", embed)
+    args += _guest_disk(
+        "driver=quorum,read-pattern=fifo,vote-threshold=1,"
         f"children.0.driver=raw,children.0.file.filename={spec.disk_path}",
-    ]
+        embed,
+    )
     for ids in spec.nic_ids():
         for _, opt in primary_net_chardevs(spec, ids):
             args += ["-chardev", opt]
         for obj in primary_net_objects(ids):
             args += ["-object", _object_option(obj)]
-    return runtime.argv("qemu-system-x86_64", *args)
+    return args
+
+
+def primary_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
+    """The argv starting ``spec`` as a COLO primary (not yet protected), or as a cold
+    standby's plain primary."""
+    return runtime.argv("qemu-system-x86_64", *primary_args(spec))
 
 
 def replica_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
@@ -200,12 +247,12 @@ def replica_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
     return runtime.argv("qemu-system-x86_64", *args)
 
 
-def secondary_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
-    """The argv starting ``spec`` as a COLO secondary waiting for the primary's migration (for
-    a cold standby: its replica, :func:`replica_argv`)."""
+def secondary_args(spec: QemuVmSpec, embed: Embedding | None = None) -> list[str]:
+    """QEMU's arguments for ``spec`` as a COLO secondary waiting for the primary's migration;
+    with ``embed``, only ftd's part (libvirt writes the rest). Not for a cold standby."""
     if spec.cold:
-        return replica_argv(spec, runtime)
-    args = _common(spec, "secondary")
+        raise QemuError(f"vm {spec.name}: a cold standby has a replica, not a COLO secondary")
+    args = _common(spec, "secondary", embed)
     args += [
         "-drive",
         f"if=none,id={PARENT_ID},driver=raw,file.filename={spec.disk_path}",
@@ -214,9 +261,10 @@ def secondary_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
         f"top-id={DISK_ID},file.driver=qcow2,file.file.filename={spec.active_overlay},"
         f"file.backing.driver=qcow2,file.backing.file.filename={spec.hidden_overlay},"
         f"file.backing.backing={PARENT_ID}",
-        "-drive",
-        f"if=virtio,id={DISK_ID},driver=quorum,read-pattern=fifo,vote-threshold=1,"
-        f"children.0={SECONDARY_CHILD_ID}",
+        *_guest_disk(
+            f"driver=quorum,read-pattern=fifo,vote-threshold=1,children.0={SECONDARY_CHILD_ID}",
+            embed,
+        ),
     ]
     for ids in spec.nic_ids():
         i = ids.index
@@ -237,4 +285,12 @@ def secondary_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
             f"filter-rewriter,id={ids.rewriter},netdev={ids.netdev},queue=all",
         ]
     args += ["-incoming", f"tcp:{spec.local_address}:{spec.migration_port}"]
-    return runtime.argv("qemu-system-x86_64", *args)
+    return args
+
+
+def secondary_argv(spec: QemuVmSpec, runtime: QemuRuntime) -> list[str]:
+    """The argv starting ``spec`` as a COLO secondary waiting for the primary's migration (for
+    a cold standby: its replica, :func:`replica_argv`)."""
+    if spec.cold:
+        return replica_argv(spec, runtime)
+    return runtime.argv("qemu-system-x86_64", *secondary_args(spec))

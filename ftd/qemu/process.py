@@ -23,8 +23,17 @@ from pathlib import Path
 
 from ftd.aio import bounded
 from ftd.errors import QemuError
+from ftd.libvirt import LibvirtError
+from ftd.libvirt.domain import DomainState, LibvirtDomain
+from ftd.libvirt.render import render_live_xml
 from ftd.log import get_logger
-from ftd.qemu.cmdline import primary_argv, secondary_argv
+from ftd.qemu.cmdline import (
+    Embedding,
+    primary_args,
+    primary_argv,
+    secondary_args,
+    secondary_argv,
+)
 from ftd.qemu.runtime import QemuRuntime
 from ftd.qemu.spec import QemuVmSpec
 
@@ -140,6 +149,50 @@ def process_state(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
+async def _start_domain(spec: QemuVmSpec, role: str) -> int:
+    """Start ``spec``'s libvirt domain in ``role`` with ftd's devices; return QEMU's pid.
+
+    The domain must be defined and shut off on this host (ftd starts it; an operator's running
+    copy would be a second guest). Raises QemuError (LibvirtError) naming what is wrong.
+    """
+    assert spec.libvirt is not None
+    if spec.cold:
+        raise QemuError(f"vm {spec.name}: a cold standby is not run by libvirt")
+    uri, domain = spec.libvirt
+
+    def args_for(embed: Embedding) -> list[str]:
+        return (primary_args if role == "primary" else secondary_args)(spec, embed)
+
+    async with LibvirtDomain(uri, domain) as dom:
+        try:
+            state = await dom.state()
+        except LibvirtError as err:
+            raise LibvirtError(
+                f"vm {spec.name}: {err} (ftd starts the domain from its definition, which must "
+                "exist, shut off, on this host: virsh define)"
+            ) from err
+        if state not in (DomainState.SHUTOFF, DomainState.CRASHED):
+            raise QemuError(
+                f"vm {spec.name}: libvirt domain {domain} is {state.value} on this host; ftd "
+                "starts it itself with its COLO devices (stop it first: virsh destroy)"
+            )
+        live = render_live_xml(
+            await dom.xml(inactive=True),
+            disk_path=spec.disk_path,
+            macs=[n.mac for n in spec.nics],
+            args_for=args_for,
+        )
+        await dom.create_live(live)
+    # Our -pidfile: QEMU writes it before libvirt's create returns.
+    try:
+        return int(spec.pidfile.read_text().strip())
+    except (OSError, ValueError) as err:
+        raise QemuError(
+            f"vm {spec.name}: libvirt started domain {domain} but QEMU wrote no pidfile "
+            f"{spec.pidfile}: {err}"
+        ) from err
+
+
 @dataclass
 class QemuProcess:
     """A running (or exited) QEMU of one VM in one role."""
@@ -150,6 +203,8 @@ class QemuProcess:
     taps: list[str] = field(default_factory=list)
     exec_prefix: tuple[str, ...] = ()
     popen: subprocess.Popen[bytes] | None = None
+    #: QEMU's stderr (libvirt's domain log for a domain libvirt started), None: qemu.err.
+    log_path: Path | None = None
 
     @property
     def qmp_socket(self) -> Path:
@@ -178,6 +233,16 @@ class QemuProcess:
         # A cold standby's replica runs no guest: it has no NICs to connect.
         replica = role == "secondary" and spec.cold
         taps = [] if replica else await create_taps(spec, role, exec_prefix)
+        if spec.libvirt is not None:
+            try:
+                pid = await _start_domain(spec, role)
+            except BaseException:
+                await remove_taps(taps, exec_prefix)
+                raise
+            proc = cls(spec.run_dir, pid, role, taps, tuple(exec_prefix), log_path=spec.stderr_log)
+            proc._write_launch_file()
+            log.info("qemu_started", pid=pid, taps=taps, libvirt=spec.libvirt[1])
+            return proc
         argv = [
             *exec_prefix,
             *(primary_argv if role == "primary" else secondary_argv)(spec, runtime),
@@ -209,6 +274,7 @@ class QemuProcess:
             "role": self.role,
             "taps": self.taps,
             "exec_prefix": list(self.exec_prefix),
+            "log": None if self.log_path is None else str(self.log_path),
         }
         tmp = self.run_dir / f"{LAUNCH_FILE}.tmp"
         tmp.write_text(json.dumps(data))
@@ -240,6 +306,7 @@ class QemuProcess:
             str(data["role"]),
             [str(t) for t in data.get("taps", [])],
             tuple(str(a) for a in data.get("exec_prefix", [])),
+            log_path=None if data.get("log") is None else Path(str(data["log"])),
         )
         if not proc.alive():
             raise QemuError(f"{run_dir}: QEMU pid {pid} has exited")
@@ -309,7 +376,7 @@ class QemuProcess:
     def stderr_tail(self) -> str:
         """The end of QEMU's stderr log (empty if none)."""
         try:
-            text = (self.run_dir / "qemu.err").read_text(errors="replace")
+            text = (self.log_path or self.run_dir / "qemu.err").read_text(errors="replace")
         except OSError:
             return ""
         return text[-_STDERR_TAIL:].strip()

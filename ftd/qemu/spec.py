@@ -156,6 +156,11 @@ class QemuVmSpec:
     #: ``hot``: a COLO secondary; ``cold``: a replica exporting the disk, the guest restarted
     #: from it on failure (:mod:`ftd.qemu.cold`).
     standby: str = "hot"
+    #: A libvirt domain (URI, name) that runs this VM's guest on this host: ftd starts it
+    #: with its own devices (:mod:`ftd.libvirt.render`); None: ftd spawns QEMU itself.
+    libvirt: tuple[str, str] | None = None
+    #: Where that QEMU's stderr goes (libvirt's per-domain log); None: ``run_dir/qemu.err``.
+    stderr_path: Path | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -169,6 +174,8 @@ class QemuVmSpec:
             raise QemuError(f"vm {self.name}: accel {self.accel!r} is not 'kvm' or 'tcg'")
         if not _WORD_RE.fullmatch(self.machine):
             raise QemuError(f"vm {self.name}: machine {self.machine!r} is not a plain machine name")
+        if self.libvirt is not None and self.kernel is not None:
+            raise QemuError(f"vm {self.name}: a libvirt domain boots as its XML says, not kernel")
         if self.kernel is None and self.initrd is not None:
             raise QemuError(f"vm {self.name}: initrd given without a kernel")
         if self.kernel is None and self.append:
@@ -257,7 +264,7 @@ class QemuVmSpec:
 
     @property
     def stderr_log(self) -> Path:
-        return self.run_dir / "qemu.err"
+        return self.stderr_path or self.run_dir / "qemu.err"
 
     def local_socket(self, chardev_id: str) -> Path:
         """The unix socket path of a chardev that loops inside one QEMU."""

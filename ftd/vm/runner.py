@@ -48,6 +48,7 @@ from ftd.config.schema import Config, Vm
 from ftd.control.events import EventLog
 from ftd.daemon.state import read_json, write_json_atomic
 from ftd.errors import ConfigError, FtError, QemuError, RequestError, StateError
+from ftd.libvirt.domain import log_path as libvirt_log_path
 from ftd.log import get_logger
 from ftd.qemu import cold, colo, resync, trace
 from ftd.qemu.process import QemuProcess, prepare_disks
@@ -113,17 +114,20 @@ def spec_for(cfg: Config, vm: Vm, host: str) -> QemuVmSpec:
     """The QEMU driver's spec of ``vm`` on ``host`` (either role). Raises QemuError."""
     peer = vm.secondary if host == vm.primary else vm.primary
     addr = {h.name: h.address for h in cfg.cluster.hosts}
-    if vm.boot is None:
-        raise QemuError(f"vm {vm.name}: libvirt-owned VMs are not launched by ftd")
+    domain: tuple[str, str] | None = None
+    log: Path | None = None
+    if vm.libvirt is not None:
+        domain = (vm.libvirt.uri, vm.libvirt.domain.replace("{host}", host))
+        log = libvirt_log_path(*domain)
     return QemuVmSpec(
         name=vm.name,
         memory_mib=vm.memory_mib,
         vcpus=vm.vcpus,
         accel=cfg.qemu.accel,
         machine=cfg.qemu.machine,
-        kernel=vm.boot.kernel,
-        initrd=vm.boot.initrd,
-        append=vm.boot.append or "",
+        kernel=None if vm.boot is None else vm.boot.kernel,
+        initrd=None if vm.boot is None else vm.boot.initrd,
+        append="" if vm.boot is None else vm.boot.append or "",
         disk_path=vm.disk.path,
         disk_size_mib=vm.disk.size_mib,
         overlay_dir=vm.disk.active_dir / vm.name,
@@ -133,6 +137,8 @@ def spec_for(cfg: Config, vm: Vm, host: str) -> QemuVmSpec:
         peer_address=addr[peer],
         port_base=vm.ports.base,
         standby=vm.standby,
+        libvirt=domain,
+        stderr_path=log,
     )
 
 
