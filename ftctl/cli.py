@@ -306,7 +306,15 @@ def cmd_status(client: ControlClient, as_json: bool) -> int:
             print(f"{vm['name']}: {resync_line(vm['last_resync'])}")
         if vm.get("recovery"):
             print(f"{vm['name']}: {recovery_line(vm['recovery'])}")
+        if vm.get("libvirt"):
+            print(f"{vm['name']}: {libvirt_line(vm['libvirt'], st.get('libvirt_events') or {})}")
     return 0
+
+
+def libvirt_line(lv: dict[str, Any], events: dict[str, str]) -> str:
+    """The libvirt domain a VM runs as on this host, and ftd's event connection to libvirtd."""
+    state = events.get(lv["uri"], "not watched")
+    return f"libvirt domain {lv['domain']} ({lv['uri']}), events {state}"
 
 
 def recovery_line(r: dict[str, Any]) -> str:

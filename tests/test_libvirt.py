@@ -49,8 +49,9 @@ from ftd.libvirt.domain import (
     qmp_socket_from_xml,
     qmp_sockets,
 )
-from ftd.libvirt.events import LibvirtEvents, LifecycleKind, lifecycle_event
+from ftd.libvirt.events import DomainEvent, LibvirtEvents, LifecycleKind, lifecycle_event
 from ftd.libvirt.render import render_live_xml
+from ftd.libvirt.watch import judge
 from ftd.qemu.cmdline import Embedding
 from ftd.qemu.process import QemuProcess, process_state
 from ftd.qemu.qmp import QmpSession
@@ -403,6 +404,43 @@ def test_render_keeps_a_readonly_cdrom() -> None:
     live = render_live_xml(xml, disk_path=Path("/x/disk.raw"), macs=[MAC], args_for=ftd_args)
     sources = [d.find("source").get("file") for d in ET.fromstring(live).iter("disk")]  # type: ignore[union-attr]
     assert sources == ["/x/i.iso", "/x/r.raw"]
+
+
+# ---------------------------------------------------------------- pure: watch.judge
+
+
+def _ev(kind: LifecycleKind, detail: str = "booted") -> DomainEvent:
+    return DomainEvent(domain="vm1-a", uuid="u", kind=kind, detail=detail, at=0.0)
+
+
+def test_judge_lifecycle_events() -> None:
+    started = _ev(LifecycleKind.STARTED)
+    assert judge(started, vm="vm1", ftd_pid=7, domain_pid=7) == (
+        "info",
+        "libvirt: domain vm1-a started by ftd (QEMU pid 7)",
+    )
+    for ftd_pid, runs in ((None, "no QEMU"), (7, "QEMU pid 7")):
+        verdict = judge(started, vm="vm1", ftd_pid=ftd_pid, domain_pid=9)
+        assert verdict is not None and verdict[0] == "error"
+        assert "started outside ftd (QEMU pid 9)" in verdict[1] and runs in verdict[1]
+        assert "virsh destroy vm1-a" in verdict[1]
+    # libvirt did not know the pid (yet): still not ftd's start.
+    unknown = judge(started, vm="vm1", ftd_pid=None, domain_pid=None)
+    assert unknown is not None and unknown[0] == "error" and "pid ?" in unknown[1]
+    # Every checkpoint pauses the guest: no event for those.
+    for kind in (LifecycleKind.SUSPENDED, LifecycleKind.RESUMED):
+        assert judge(_ev(kind, "paused"), vm="vm1", ftd_pid=7, domain_pid=7) is None
+    undefined = judge(
+        _ev(LifecycleKind.UNDEFINED, "removed"), vm="vm1", ftd_pid=None, domain_pid=None
+    )
+    assert undefined is not None and undefined[0] == "warning"
+    assert "cannot start vm vm1 here" in undefined[1]
+    assert judge(_ev(LifecycleKind.STOPPED, "failed"), vm="vm1", ftd_pid=7, domain_pid=None) == (
+        "info",
+        "libvirt: domain vm1-a stopped (failed)",
+    )
+    crashed = judge(_ev(LifecycleKind.CRASHED, "panicked"), vm="vm1", ftd_pid=7, domain_pid=7)
+    assert crashed == ("warning", "libvirt: domain vm1-a crashed (panicked)")
 
 
 # ---------------------------------------------------------------- real: libvirtd fixture

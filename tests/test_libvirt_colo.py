@@ -11,11 +11,13 @@ The scenarios share one cluster and run in order.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_protect import Clients, assert_nothing_lost, until
@@ -23,8 +25,9 @@ from test_protect import Clients, assert_nothing_lost, until
 from ftd.errors import LabError
 from lab import libvirt as lab_libvirt
 from lab.clients import COUNTER_PORT, DISK_PORT, CounterClient, DiskWriterClient
-from lab.cluster import LabCluster, VmPlan
+from lab.cluster import FtdProcess, LabCluster, VmPlan, cluster_config, write_config
 from lab.image import build_guest
+from lab.netns import Lab
 
 pytestmark = pytest.mark.real
 VM = "vm1"
@@ -56,6 +59,97 @@ def qemu_pid(c: LabCluster, host: str) -> int:
     pid = c.vm_status(host, VM)["qemu_pid"]
     assert isinstance(pid, int)
     return pid
+
+
+def _events(f: FtdProcess, text: str, timeout: float = 20.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in json.loads(f.ctl("events", "--json").stdout) if text in e["message"]]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.3)
+
+
+def test_domain_events_seen_by_ftd_and_a_start_outside_ftd_is_an_alert() -> None:
+    """ftd's view of libvirt's lifecycle events for a VM it does not run yet: an operator's
+    ``virsh start`` (a second guest) is an error event, a destroy and an undefine are recorded;
+    a launch with the domain gone fails with the reason. One ftd plus its witness."""
+    guest = build_guest()
+    with lab_libvirt.running_libvirtd(), Lab(["a", "w"], broker=True) as lab:
+        doc = cluster_config(lab, "a", vm_hosts=["a"], witnesses=["w"], vms=[], guest=None)
+        # A second VM host that never comes up: the VM's secondary.
+        doc["cluster"]["hosts"].append({"name": "b", "address": "192.0.2.2"})
+        disk = lab.workdir / "db.raw"
+        disk.write_bytes(b"")
+        os.truncate(disk, 64 << 20)
+        name = f"ftdtest-{lab.id}-db-a"
+        doc["vms"].append(
+            {
+                "name": "db",
+                "primary": "a",
+                "secondary": "b",
+                "memory_mib": 128,
+                "libvirt": {"uri": lab_libvirt.URI, "domain": f"ftdtest-{lab.id}-db-{{host}}"},
+                "disk": {"path": str(disk), "size_mib": 64},
+                "nics": [{"mac": "52:54:00:f7:20:01", "bridge": "br0"}],
+                "ports": {"base": 20000},
+            }
+        )
+        w_doc = cluster_config(lab, "w", vm_hosts=["a"], witnesses=["w"], vms=[], guest=None)
+        w_doc["cluster"], w_doc["vms"] = doc["cluster"], doc["vms"]
+        w = FtdProcess(lab, "w", write_config(lab, "w", w_doc), witness=True)
+        a = FtdProcess(lab, "a", write_config(lab, "a", doc))
+        lab_libvirt.define(
+            lab_libvirt.domain_xml(
+                name,
+                memory_mib=128,
+                kernel=guest.kernel,
+                initrd=guest.initrd,
+                append="console=ttyS0 quiet panic=-1 ftd.workload=idle",
+                emulator=lab_libvirt.EMULATOR,
+                disk=disk,
+                mac="52:54:00:f7:20:01",
+            )
+        )
+        try:
+            w.start()
+            a.start()
+            w.wait_ready()
+            a.wait_ready()
+            deadline = time.monotonic() + 30
+            while a.status()["libvirt_events"].get(lab_libvirt.URI) != "connected":
+                assert time.monotonic() < deadline, a.status()["libvirt_events"]
+                time.sleep(0.2)
+            (vm,) = a.status()["vms"]
+            assert vm["state"] == "stopped" and vm["libvirt"]["domain"] == name, vm
+            line = f"db: libvirt domain {name} ({lab_libvirt.URI}), events connected"
+            assert line in a.ctl("status").stdout
+
+            assert lab_libvirt.virsh("start", name).returncode == 0
+            (alert,) = _events(a, "was started outside ftd")
+            assert alert["severity"] == "error" and f"virsh destroy {name}" in alert["message"]
+            assert "ftd runs no QEMU of vm db" in alert["message"], alert
+            assert lab_libvirt.virsh("destroy", name).returncode == 0
+            assert _events(a, f"libvirt: domain {name} stopped (destroyed)")
+            assert lab_libvirt.virsh("undefine", name).returncode == 0
+            (gone,) = _events(a, "was undefined on this host")
+            assert gone["severity"] == "warning"
+
+            deadline = time.monotonic() + 30
+            while not a.status()["quorum"]["has"]:
+                assert time.monotonic() < deadline, a.status()["quorum"]
+                time.sleep(0.2)
+            a.ctl("protect", "db")
+            (failed,) = _events(a, "must exist, shut off, on this host: virsh define")
+            assert failed["severity"] == "error" and f"domain {name}" in failed["message"]
+            assert a.status()["vms"][0]["qemu_pid"] is None
+            assert a.stop() == 0
+            assert w.stop() == 0
+        finally:
+            a.stop()
+            w.stop()
+            problem = lab_libvirt.remove(name)
+            assert problem is None, problem
 
 
 @pytest.fixture
@@ -138,3 +232,26 @@ async def test_ftd_restart_reattaches_to_the_domains(cluster: LabCluster, client
     n = len(clients.disk.acked)
     await until(lambda: len(clients.disk.acked) > n + 10, 60, "writes after the restart", clients)
     assert clients.disk.error is None and clients.counter.error is None
+
+
+async def test_switchover_moves_the_guest_between_the_domains(
+    cluster: LabCluster, clients: Clients
+) -> None:
+    p, s = cluster.wait_protected(VM, 180)
+    await until(lambda: len(clients.disk.acked) >= 10, 60, "10 acked records", clients)
+    acked_before = clients.disk.last_acked
+    assert acked_before is not None
+    started = time.monotonic()
+    out = await asyncio.to_thread(
+        cluster.ftd[p].ctl, "switchover", VM, "--to", s, "--wait-protected", "--json", timeout=300
+    )
+    res = json.loads(out.stdout)
+    assert (res["from"], res["to"], res["method"]) == (p, s, "colo-role-swap"), res
+    assert cluster.wait_protected(VM, 10) == (s, p)
+    await assert_nothing_lost(clients, acked_before, started)
+    # Both hosts run the VM as their domain again, each with ftd's devices for its new role.
+    for host in (p, s):
+        assert lab_libvirt.domain_state(domain(cluster, host)) == "running"
+        assert qemu_pid(cluster, host) == libvirt_pid(cluster, host)
+    assert "-incoming" in lab_libvirt.virsh("dumpxml", domain(cluster, p)).stdout
+    print(f"\nlibvirt domain switchover {p}->{s}: downtime {res['downtime_ms']:.0f} ms")

@@ -41,6 +41,10 @@ from ftd.daemon.state import next_boot_epoch
 from ftd.daemon.supervisor import Supervisor
 from ftd.errors import ConfigError, QemuVersionError, RequestError
 from ftd.group.sync import GroupSync
+from ftd.libvirt import LibvirtError
+from ftd.libvirt.domain import find_qemu_pid, pidfile_dir
+from ftd.libvirt.events import DomainEvent, LibvirtEvents, LifecycleKind
+from ftd.libvirt.watch import RECONNECT_BACKOFF_S, STARTED_GRACE_S, judge
 from ftd.log import get_logger
 from ftd.qemu.runtime import QemuRuntime, QemuVersion, colo_verdict, probe_capabilities
 from ftd.vm.handover import switch_over
@@ -124,6 +128,8 @@ class Daemon:
         )
         self.bus: MqttBus | None = None
         self.runners: dict[str, VmRunner] = {}
+        #: libvirt URI -> state of ftd's event connection to it (VMs that libvirt owns).
+        self.libvirt_events: dict[str, str] = {}
         self.lease = LeaseTiming.from_cluster(cfg.cluster)
         self.self_fence = SelfFenceClock(self.lease.lease_s, started_at=time.monotonic())
         self.own_hb_at: float | None = None
@@ -187,6 +193,14 @@ class Daemon:
                         runner.on_takeover = self.group_sync.on_local_takeover
                     self.runners[vm.name] = runner
                     self.supervisor.spawn(f"vm-{vm.name}", runner.run())
+            watched: dict[str, dict[str, VmRunner]] = {}
+            for runner in self.runners.values():
+                if runner.spec.libvirt is not None:
+                    uri, domain = runner.spec.libvirt
+                    watched.setdefault(uri, {})[domain] = runner
+            for i, (uri, by_domain) in enumerate(sorted(watched.items())):
+                self.libvirt_events[uri] = "connecting"
+                self.supervisor.spawn(f"libvirt-events-{i}", self._libvirt_events(uri, by_domain))
             if self.cfg.this_host.fence.agent == "self":
                 self._start_guard()
             self.supervisor.spawn("detector", self._detector())
@@ -749,6 +763,46 @@ class Daemon:
             "last_drop": d.last_drop,
         }
 
+    async def _libvirt_events(self, uri: str, runners: dict[str, VmRunner]) -> None:
+        """Record the lifecycle events of the domains ftd runs from ``uri`` (ftd.libvirt.watch);
+        a lost connection is reported once and reopened with backoff."""
+        tries = 0
+        while True:
+            try:
+                async with LibvirtEvents(uri, domains=set(runners)) as stream:
+                    self.libvirt_events[uri] = "connected"
+                    if tries:
+                        self.events.record("libvirt", f"libvirt events from {uri}: back", "info")
+                    tries = 0
+                    async for ev in stream:
+                        await self._on_domain_event(uri, ev, runners[ev.domain])
+            except LibvirtError as err:
+                self.libvirt_events[uri] = f"lost: {err}"
+                if tries == 0:
+                    self.events.record(
+                        "libvirt", f"libvirt events from {uri}: {err}; retrying", "warning"
+                    )
+                await asyncio.sleep(RECONNECT_BACKOFF_S[min(tries, len(RECONNECT_BACKOFF_S) - 1)])
+                tries += 1
+
+    async def _on_domain_event(self, uri: str, ev: DomainEvent, runner: VmRunner) -> None:
+        domain_pid: int | None = None
+        ftd_pid = runner.proc.pid if runner.proc is not None else None
+        if ev.kind is LifecycleKind.STARTED:
+            pid_dir = pidfile_dir(uri)
+            deadline = time.monotonic() + STARTED_GRACE_S
+            # ftd's own start: the runner records the pid right after libvirt's call returns.
+            while True:
+                domain_pid = await asyncio.to_thread(find_qemu_pid, ev.domain, pid_dir)
+                ftd_pid = runner.proc.pid if runner.proc is not None else None
+                if domain_pid == ftd_pid or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+        verdict = judge(ev, vm=runner.vm.name, ftd_pid=ftd_pid, domain_pid=domain_pid)
+        if verdict is not None:
+            severity, message = verdict
+            self.events.record("libvirt", message, severity, vm=runner.vm.name)
+
     def status(self) -> dict[str, Any]:
         cfg = self.cfg
         now = time.monotonic()
@@ -790,4 +844,5 @@ class Daemon:
                 },
             },
             "vms": [r.status() for r in self.runners.values()],
+            "libvirt_events": dict(self.libvirt_events),
         }

@@ -1260,6 +1260,9 @@ class VmRunner:
             "host": self.host,
             "peer": v.peer,
             "epoch": str(v.epoch),
+            "libvirt": None
+            if self.spec.libvirt is None
+            else {"uri": self.spec.libvirt[0], "domain": self.spec.libvirt[1]},
             "standby": self.vm.standby,
             "policy": self.policy.name,
             "policy_origin": self.policy_origin,
