@@ -45,7 +45,7 @@ def alive() -> bool:
         return False
 
 
-def _pid_from(pidfile: Path) -> int | None:
+def pid_from(pidfile: Path) -> int | None:
     try:
         pid = int(pidfile.read_text().strip())
     except (OSError, ValueError):
@@ -115,14 +115,14 @@ def running_libvirtd() -> Iterator[str]:
             ("virtlogd", "/run/virtlogd.pid"),
             ("libvirtd", "/run/libvirtd.pid"),
         ):
-            if _pid_from(Path(pidfile)) is not None:
+            if pid_from(Path(pidfile)) is not None:
                 continue
             run = subprocess.run(
                 [daemon, "-d"], check=False, capture_output=True, text=True, timeout=60
             )
             tried.append(f"{daemon} -d: rc={run.returncode} {run.stderr.strip()}")
             deadline = time.monotonic() + 10
-            while (pid := _pid_from(Path(pidfile))) is None and time.monotonic() < deadline:
+            while (pid := pid_from(Path(pidfile))) is None and time.monotonic() < deadline:
                 time.sleep(0.1)
             if pid is not None:
                 started.append(pid)

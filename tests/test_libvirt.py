@@ -11,7 +11,6 @@ Run: ``.venv/bin/pytest -s tests/test_libvirt.py`` (root; figures printed with -
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -53,7 +52,7 @@ from ftd.libvirt.events import DomainEvent, LibvirtEvents, LifecycleKind, lifecy
 from ftd.libvirt.render import render_live_xml
 from ftd.libvirt.watch import judge
 from ftd.qemu.cmdline import Embedding
-from ftd.qemu.process import QemuProcess, process_state
+from ftd.qemu.process import QemuProcess
 from ftd.qemu.qmp import QmpSession
 from ftd.qemu.runtime import QemuRuntime, QemuVersion
 from ftd.qemu.spec import QemuVmSpec
@@ -446,34 +445,6 @@ def test_judge_lifecycle_events() -> None:
 # ---------------------------------------------------------------- real: libvirtd fixture
 
 
-def _virsh(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["virsh", "-c", URI, *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-def _pid_from(pidfile: Path) -> int | None:
-    try:
-        pid = int(pidfile.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if Path(f"/proc/{pid}").exists() else None
-
-
-def _stop(pid: int) -> bool:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        # A zombie (not yet reaped by init) counts as gone: it holds no sockets or files.
-        if process_state(pid) in (None, "Z"):
-            return True
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    return False
-
-
 @pytest.fixture(scope="session")
 def libvirtd() -> Iterator[str]:
     """A running libvirtd for ``qemu:///system`` (lab.libvirt.running_libvirtd: the host's,
@@ -493,11 +464,11 @@ def cleanup(libvirtd: str) -> Iterator[list[str]]:
     yield names
     problems = []
     for name in names:
-        if _virsh("domstate", name).returncode != 0:
+        if lab_libvirt.virsh("domstate", name).returncode != 0:
             continue
-        _virsh("destroy", name)
-        _virsh("undefine", name)
-        if _virsh("domstate", name).returncode == 0:
+        lab_libvirt.virsh("destroy", name)
+        lab_libvirt.virsh("undefine", name)
+        if lab_libvirt.virsh("domstate", name).returncode == 0:
             problems.append(f"domain {name} still exists")
         sock = SOCKET_DIR / f"ftd-{name}.qmp"
         if sock.exists():
@@ -747,7 +718,7 @@ async def test_connection_loss_is_an_error_not_a_hang(libvirtd: str) -> None:
 @pytest.mark.real
 @pytest.mark.asyncio(loop_scope="session")
 async def test_hung_libvirtd_is_an_error_after_keepalive(libvirtd: str) -> None:
-    pid = _pid_from(Path("/run/libvirtd.pid"))
+    pid = lab_libvirt.pid_from(Path("/run/libvirtd.pid"))
     assert pid is not None, "libvirtd runs but /run/libvirtd.pid names no live process"
     async with LibvirtEvents(libvirtd, keepalive_interval_s=1, keepalive_count=2) as events:
         os.kill(pid, signal.SIGSTOP)

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_protect import Clients, assert_nothing_lost, until
+from test_protect import Clients, assert_nothing_lost, open_clients, until
 
 from ftd.errors import LabError
 from lab import libvirt as lab_libvirt
-from lab.clients import COUNTER_PORT, DISK_PORT, CounterClient, DiskWriterClient
 from lab.cluster import FtdProcess, LabCluster, VmPlan, cluster_config, write_config
 from lab.image import build_guest
 from lab.netns import Lab
@@ -155,13 +154,7 @@ def test_domain_events_seen_by_ftd_and_a_start_outside_ftd_is_an_alert() -> None
 @pytest.fixture
 async def clients(cluster: LabCluster) -> AsyncIterator[Clients]:
     cluster.wait_protected(VM, 180)
-    addr = cluster.vm_address(VM)
-    r, w = await cluster.lab.open_connection(cluster.client, addr, DISK_PORT)
-    start = int(time.time() * 10) % 100000 + 1
-    disk = DiskWriterClient(r, w, start=start, rate=20, answer_timeout=30)
-    r2, w2 = await cluster.lab.open_connection(cluster.client, addr, COUNTER_PORT)
-    counter = CounterClient(r2, w2, interval=0.1, answer_timeout=30)
-    cl = Clients(cluster, disk, counter)
+    cl = await open_clients(cluster)
     yield cl
     await cl.close()
 

@@ -70,16 +70,21 @@ class Clients:
             c.abort()
 
 
-@pytest.fixture
-async def clients(cluster: LabCluster) -> AsyncIterator[Clients]:
-    protected(cluster)
+async def open_clients(cluster: LabCluster) -> Clients:
+    """The lab guest's disk writer (20 records/s) and counter (every 0.1 s), from the client."""
     addr = cluster.vm_address(VM)
     r, w = await cluster.lab.open_connection(cluster.client, addr, DISK_PORT)
     start = int(time.time() * 10) % 100000 + 1
     disk = DiskWriterClient(r, w, start=start, rate=20, answer_timeout=30)
     r2, w2 = await cluster.lab.open_connection(cluster.client, addr, COUNTER_PORT)
     counter = CounterClient(r2, w2, interval=0.1, answer_timeout=30)
-    cl = Clients(cluster, disk, counter)
+    return Clients(cluster, disk, counter)
+
+
+@pytest.fixture
+async def clients(cluster: LabCluster) -> AsyncIterator[Clients]:
+    protected(cluster)
+    cl = await open_clients(cluster)
     yield cl
     await cl.close()
 
