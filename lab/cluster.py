@@ -159,10 +159,10 @@ def vm_append(lab: Lab, vms: Sequence[VmPlan], index: int) -> str:
 
 
 def define_domains(
-    lab: Lab, vms: Sequence[VmPlan], hosts: Sequence[str], guest: GuestImage
-) -> list[str]:
-    """Define every libvirt VM of the plan on each of ``hosts`` (lab.libvirt); their names."""
-    names: list[str] = []
+    lab: Lab, vms: Sequence[VmPlan], hosts: Sequence[str], guest: GuestImage, names: list[str]
+) -> None:
+    """Define every libvirt VM of the plan on each of ``hosts`` (lab.libvirt), adding each
+    name to ``names`` as it goes (what to remove, even after a failure midway)."""
     for i, vm in enumerate(vms):
         if not vm.libvirt:
             continue
@@ -170,9 +170,8 @@ def define_domains(
             if h not in (vm.primary, vm.secondary):
                 continue
             name = lab_libvirt.domain_name(lab.id, vm.name, h)
-            emulator = lab_libvirt.emulator_script(
-                lab.workdir / "hosts" / h / "qemu-emulator.sh", lab.netns(h)
-            )
+            names.append(name)
+            lab_libvirt.place_in_netns(name, lab.netns(h))
             lab_libvirt.define(
                 lab_libvirt.domain_xml(
                     name,
@@ -180,13 +179,11 @@ def define_domains(
                     kernel=guest.kernel,
                     initrd=guest.initrd,
                     append=vm_append(lab, vms, i),
-                    emulator=emulator,
+                    emulator=lab_libvirt.NETNS_EMULATOR,
                     disk=vm_disk(lab, h, vm.name),
                     mac=vm_mac(lab, i),
                 )
             )
-            names.append(name)
-    return names
 
 
 def vm_address(lab: Lab, vms: Sequence[VmPlan], name: str) -> str:
@@ -372,9 +369,7 @@ class LabCluster:
             if any(p.libvirt for p in self.plans):
                 if self.guest is None:
                     raise LabError("VMs need a guest image")
-                for h in self.vm_hosts:
-                    (self.lab.workdir / "hosts" / h).mkdir(parents=True, exist_ok=True)
-                self.domains = define_domains(self.lab, self.plans, self.vm_hosts, self.guest)
+                define_domains(self.lab, self.plans, self.vm_hosts, self.guest, self.domains)
             for h in [*self.vm_hosts, self.witness]:
                 doc = cluster_config(
                     self.lab,

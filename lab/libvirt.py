@@ -3,9 +3,10 @@
 The lab's hosts are network namespaces of one machine, which has one libvirtd (in the root
 namespace). A lab VM that libvirt owns is therefore defined once per lab host, under that
 host's own name (``ftdlab<id>-<vm>-<host>``: the configuration's ``domain`` uses ``{host}``),
-and its ``<emulator>`` is a per-host script that runs QEMU inside the host's namespace (``ip
-netns exec``, in place: the pid stays QEMU's) so that QEMU's taps, addresses and ports are
-the lab host's. On real hosts the emulator is scripts/qemu-for-libvirt.sh itself.
+and its ``<emulator>`` is lab/qemu-in-netns.sh, which runs QEMU inside the namespace
+/run/ftd-lab/domains/<domain> names (``ip netns exec``, in place: the pid stays QEMU's), so
+that QEMU's taps, addresses and ports are the lab host's. On real hosts the emulator is
+scripts/qemu-for-libvirt.sh itself.
 
 ftd's COLO NICs are taps QEMU opens (``-netdev tap,ifname=``); libvirt gives QEMU a private
 ``/dev`` holding only the devices in qemu.conf's ``cgroup_device_acl``, so that list must name
@@ -30,6 +31,10 @@ URI = "qemu:///system"
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 REPO = Path(__file__).resolve().parents[1]
 EMULATOR = REPO / "scripts/qemu-for-libvirt.sh"
+#: The lab domains' emulator: QEMU in the namespace DOMAIN_MAP names for the domain.
+NETNS_EMULATOR = REPO / "lab/qemu-in-netns.sh"
+DOMAIN_MAP = Path("/run/ftd-lab/domains")
+LOG_DIR = Path("/var/log/libvirt/qemu")
 
 
 def virsh(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -145,19 +150,10 @@ def running_libvirtd() -> Iterator[str]:
             raise LabError(f"libvirt daemons {leftovers} needed SIGKILL")
 
 
-def emulator_script(path: Path, netns: str) -> Path:
-    """Write the lab host's ``<emulator>``: QEMU in namespace ``netns``. libvirt's capability
-    probe runs it as an unprivileged user, which may not enter a namespace and needs none."""
-    path.write_text(
-        "#!/bin/sh\n"
-        "# Written by lab/libvirt.py: libvirt's QEMU inside this lab host's network namespace.\n"
-        'if [ "$(id -u)" = 0 ]; then\n'
-        f'  exec ip netns exec {netns} {EMULATOR} "$@"\n'
-        "fi\n"
-        f'exec {EMULATOR} "$@"\n'
-    )
-    path.chmod(0o755)
-    return path
+def place_in_netns(domain: str, netns: str) -> None:
+    """Make :data:`NETNS_EMULATOR` run domain ``domain``'s QEMU in namespace ``netns``."""
+    DOMAIN_MAP.mkdir(parents=True, exist_ok=True)
+    (DOMAIN_MAP / domain).write_text(netns + "\n")
 
 
 def domain_name(lab_id: str, vm: str, host: str) -> str:
@@ -223,8 +219,10 @@ def define(xml: str) -> None:
 
 
 def remove(name: str) -> str | None:
-    """Destroy (if running) and undefine domain ``name``; None when done or already gone,
-    else what went wrong."""
+    """Destroy (if running) and undefine domain ``name``, and drop its namespace entry and
+    libvirt's log of it; None when done or already gone, else what went wrong."""
+    (DOMAIN_MAP / name).unlink(missing_ok=True)
+    (LOG_DIR / f"{name}.log").unlink(missing_ok=True)
     if virsh("domstate", name).returncode != 0:
         return None
     virsh("destroy", name)
@@ -240,3 +238,34 @@ def domain_state(name: str) -> str:
     if r.returncode != 0:
         raise LabError(f"virsh domstate {name}: {r.stderr.strip()}")
     return r.stdout.strip()
+
+
+def _admin(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["virt-admin", *args], check=False, capture_output=True, text=True, timeout=30
+    )
+
+
+def clients_of(pid: int) -> set[str]:
+    """libvirtd's ids of the client connections process ``pid`` holds (virt-admin).
+
+    Raises LabError if virt-admin cannot list them.
+    """
+    listing = _admin("srv-clients-list", "libvirtd")
+    if listing.returncode != 0:
+        raise LabError(f"virt-admin srv-clients-list: {listing.stderr.strip()}")
+    ids = set()
+    for line in listing.stdout.splitlines():
+        fields = line.split()
+        if fields and fields[0].isdigit():
+            info = _admin("client-info", "libvirtd", fields[0]).stdout
+            if f"unix_process_id: {pid}\n" in info + "\n":
+                ids.add(fields[0])
+    return ids
+
+
+def disconnect(client: str) -> None:
+    """Make libvirtd close client connection ``client``. Raises LabError."""
+    r = _admin("client-disconnect", "libvirtd", client)
+    if r.returncode != 0:
+        raise LabError(f"virt-admin client-disconnect {client}: {r.stderr.strip()}")

@@ -662,51 +662,18 @@ async def test_check_domain_finds_bad_domain_and_libvirt_refuses_no_acpi(
         await asyncio.to_thread(check_domain, libvirtd, name)
 
 
-def _our_clients() -> set[str]:
-    listing = subprocess.run(
-        ["virt-admin", "srv-clients-list", "libvirtd"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert listing.returncode == 0, listing.stderr
-    ours = set()
-    for line in listing.stdout.splitlines():
-        fields = line.split()
-        if fields and fields[0].isdigit():
-            info = subprocess.run(
-                ["virt-admin", "client-info", "libvirtd", fields[0]],
-                check=False,
-                capture_output=True,
-                text=True,
-                timeout=30,
-            ).stdout
-            if f"unix_process_id: {os.getpid()}" in info:
-                ours.add(fields[0])
-    return ours
-
-
 @pytest.mark.real
 @pytest.mark.asyncio(loop_scope="session")
 async def test_connection_loss_is_an_error_not_a_hang(libvirtd: str) -> None:
-    before = await asyncio.to_thread(_our_clients)
+    before = await asyncio.to_thread(lab_libvirt.clients_of, os.getpid())
     async with LibvirtEvents(libvirtd) as events:
-        mine = await asyncio.to_thread(_our_clients) - before
+        mine = await asyncio.to_thread(lab_libvirt.clients_of, os.getpid()) - before
         assert len(mine) == 1, mine
         client = mine.pop()
         pending = asyncio.create_task(events.get(), name="libvirt-events-get")
         await asyncio.sleep(0.2)
         t0 = time.monotonic()
-        kick = await asyncio.to_thread(
-            subprocess.run,
-            ["virt-admin", "client-disconnect", "libvirtd", client],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert kick.returncode == 0, kick.stderr
+        await asyncio.to_thread(lab_libvirt.disconnect, client)
         with pytest.raises(LibvirtDisconnectedError, match="connection to libvirtd lost"):
             await asyncio.wait_for(pending, 10)
         lost_s = time.monotonic() - t0

@@ -776,14 +776,16 @@ class Daemon:
                     tries = 0
                     async for ev in stream:
                         await self._on_domain_event(uri, ev, runners[ev.domain])
+                reason = "the event stream ended"
             except LibvirtError as err:
-                self.libvirt_events[uri] = f"lost: {err}"
-                if tries == 0:
-                    self.events.record(
-                        "libvirt", f"libvirt events from {uri}: {err}; retrying", "warning"
-                    )
-                await asyncio.sleep(RECONNECT_BACKOFF_S[min(tries, len(RECONNECT_BACKOFF_S) - 1)])
-                tries += 1
+                reason = str(err)
+            self.libvirt_events[uri] = f"lost: {reason}"
+            if tries == 0:
+                self.events.record(
+                    "libvirt", f"libvirt events from {uri}: {reason}; retrying", "warning"
+                )
+            await asyncio.sleep(RECONNECT_BACKOFF_S[min(tries, len(RECONNECT_BACKOFF_S) - 1)])
+            tries += 1
 
     async def _on_domain_event(self, uri: str, ev: DomainEvent, runner: VmRunner) -> None:
         domain_pid: int | None = None
