@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from ftd.errors import QemuError
 from ftd.qemu import colo, resync
-from ftd.qemu.qmp import QmpSession
+from ftd.qemu.qmp import QmpCommandError, QmpSession
 from ftd.qemu.runtime import QemuRuntime
 from ftd.qemu.trace import CheckpointParser, TraceFollower
 from lab.clients import DISK_PORT, DiskWriterClient
@@ -128,6 +129,20 @@ async def _stopped_disks_equal(pri: QmpSession, a: Path, b: Path) -> list[int]:
     return resync.changed_chunks(da, db)
 
 
+async def _resume_colo_primary(pri: QmpSession, timeout_s: float = 10.0) -> None:
+    """``cont`` a paused COLO primary. QEMU refuses it while a checkpoint is in progress (its
+    timer keeps running while the guest is paused: seen in CI) and restarts the guest itself at
+    the checkpoint's end, so a refusal is retried until the guest runs."""
+    deadline = time.monotonic() + timeout_s
+    while (await pri.execute("query-status"))["status"] != "running":
+        try:
+            await pri.execute("cont")
+        except QmpCommandError as err:
+            if "checkpoint in progress" not in str(err) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
 @pytest.mark.real
 async def test_incremental_resync_copies_what_changed(
     lab: Lab, guest: GuestImage, runtime: QemuRuntime, tmp_path: Path
@@ -218,7 +233,7 @@ async def test_incremental_resync_copies_what_changed(
             new_pri.qmp, new_pri.spec.disk_path, new_sec.spec.disk_path
         )
         assert differ == [], f"disks differ in chunks {differ}"
-        await new_pri.qmp.execute("cont")
+        await _resume_colo_primary(new_pri.qmp)
         check = await disk.verify(1, 20)
         assert check.ok, check
         await disk.close()
