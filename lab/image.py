@@ -49,7 +49,7 @@ _LAYOUT = 1
 _SERVICES = ("counter.sh", "disk.sh", "dirty.sh", "stats.sh")
 _WORKLOAD_RE = re.compile(
     r"idle|counter|disk|steady:([1-9]\d*)(?::([1-9]\d*))?"
-    r"|bursty:([1-9]\d*):[1-9]\d*:\d+(?::([1-9]\d*))?"
+    r"|bursty:([1-9]\d*):[1-9]\d*:\d+(?::([1-9]\d*)(?::[1-9]\d?)?)?"
 )
 _IP_RE = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})/(\d{1,2})")
 
@@ -113,8 +113,9 @@ def guest_append(
     """The kernel command line for the lab guest.
 
     ``ip`` is ``A.B.C.D/P`` (None: no network); ``workloads`` items are ``idle``, ``counter``,
-    ``disk``, ``steady:N[:REGION]`` or ``bursty:N:ON:OFF[:REGION]`` (at most one of the last
-    two; N MiB a second, to the next N MiB of a REGION-MiB buffer, REGION >= N, default N).
+    ``disk``, ``steady:N[:REGION]`` or ``bursty:N:ON:OFF[:REGION[:JITTER]]`` (at most one of the
+    last two; N MiB a second, to the next N MiB of a REGION-MiB buffer, REGION >= N, default N;
+    each quiet spell JITTER s longer at random, 1..99, default none).
     Raises LabError naming the bad value.
     """
     parts = [f"console={console}", "quiet", "panic=-1"]
@@ -130,7 +131,7 @@ def guest_append(
         if not m:
             raise LabError(
                 f"guest workload {w!r} is not one of idle, counter, disk, steady:N[:REGION], "
-                "bursty:N:ON:OFF[:REGION] (N, ON >= 1)"
+                "bursty:N:ON:OFF[:REGION[:JITTER]] (N, ON >= 1; JITTER 1..99)"
             )
         n, region = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
         if region is not None and int(region) < int(n):

@@ -8,14 +8,16 @@ user-mode networking port forwards.  They fail, never skip, when a component is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import itertools
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +68,10 @@ def test_guest_append() -> None:
             guest_append(ip, ["idle"])
     assert guest_append(None, ["bursty:16:3:5:48"]).endswith("ftd.workload=bursty:16:3:5:48")
     assert guest_append(None, ["steady:6:48"]).endswith("ftd.workload=steady:6:48")
-    for w in (["steady:0"], ["steady:2:0"], ["bursty:1:1"], ["bursty:4:1:1:0"], ["spin"], []):
+    assert guest_append(None, ["bursty:16:3:17:48:4"]).endswith("=bursty:16:3:17:48:4")
+    bad = (["steady:0"], ["steady:2:0"], ["bursty:1:1"], ["bursty:4:1:1:0"], ["spin"], [])
+    jitter = (["bursty:4:1:1:4:0"], ["bursty:4:1:1:4:100"], ["steady:4:4:1"])
+    for w in (*bad, *jitter):
         with pytest.raises(LabError, match="workload"):
             guest_append(None, w)
     with pytest.raises(LabError, match="REGION 3 is below N 4"):
@@ -222,13 +227,12 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootedGuest]:
-    """One guest booted for the module's tests, killed at teardown whatever happens."""
+@contextlib.contextmanager
+def booted_guest(work: Path, workloads: Sequence[str]) -> Iterator[BootedGuest]:
+    """A guest running ``workloads`` booted in ``work``, killed on exit whatever happens."""
     image = build_guest()
     rt = QemuRuntime()
     rt.check_present()
-    work = tmp_path_factory.mktemp("guest")
     disk, qmp, console = work / "disk.raw", work / "qmp.sock", work / "console.log"
     subprocess.run(
         rt.argv("qemu-img", "create", "-q", "-f", "raw", str(disk), f"{DISK_MIB}M"),
@@ -246,7 +250,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootedGuest]:
         *("-accel", "tcg", "-machine", "pc", "-m", "128", "-smp", "1"),
         *("-nographic", "-no-reboot"),
         *("-kernel", str(image.kernel), "-initrd", str(image.initrd)),
-        *("-append", guest_append("10.0.2.15/24", WORKLOADS)),
+        *("-append", guest_append("10.0.2.15/24", workloads)),
         *("-drive", f"if=virtio,format=raw,file={disk}"),
         *("-netdev", f"user,id=n0,{fwd}", "-device", "e1000,netdev=n0"),
         *("-qmp", f"unix:{qmp},server=on,wait=off"),
@@ -276,6 +280,13 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootedGuest]:
         yield BootedGuest(image, qmp, disk, console, counter_port, stats_port, disk_port, boot)
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootedGuest]:
+    """One guest booted for the module's tests."""
+    with booted_guest(tmp_path_factory.mktemp("guest"), WORKLOADS) as g:
+        yield g
 
 
 @pytest.mark.real
@@ -362,3 +373,29 @@ async def test_stats_show_work_growing_under_steady_load(guest: BootedGuest) -> 
     # steady:2 dirties 2 MiB per step of at least 1 s: some steps in 3 s, never faster than 2 MiB/s.
     assert 2 <= grown <= 2 * (second.uptime - first.uptime) + 2, (first, second)
     assert second.work_mib <= 2 * second.uptime + 2
+
+
+@pytest.mark.real
+async def test_bursty_jitter_moves_each_burst_by_a_random_delay(tmp_path: Path) -> None:
+    """``bursty:1:1:1:1:4``: one 1 MiB batch a burst, then 1 s idle plus 0..4 s at random.
+    Burst starts (the work counter moving) are at least ON+OFF = 2 s apart, at most 2 s plus
+    the jitter plus write time, and not evenly spaced: a periodic guest (no jitter) keeps one
+    phase against a fixed checkpoint timer, which made the bench's fixed baseline meet the
+    pause budget by luck (bench/checkpoint_policy.py)."""
+    with booted_guest(tmp_path, ("bursty:1:1:1:1:4",)) as g:
+        starts: list[float] = []
+        last = (await read_stats(*await open_lines("127.0.0.1", g.stats_port))).work_mib
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            work = (await read_stats(*await open_lines("127.0.0.1", g.stats_port))).work_mib
+            if work != last:
+                starts.append(time.monotonic())
+                last = work
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    print(f"\nbursty jitter: gaps between bursts {[round(x, 1) for x in gaps]} s")
+    assert len(gaps) >= 5, gaps
+    # Polled every 0.1 s plus a round trip: 0.5 s of slack either side.
+    assert all(1.5 <= x <= 2 + 4 + 1.5 for x in gaps), gaps
+    # Seven draws from 0..4 s all within 0.5 s of each other: probability ~1e-4.
+    assert max(gaps) - min(gaps) >= 0.5, gaps

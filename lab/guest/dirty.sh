@@ -1,6 +1,7 @@
 #!/bin/sh
 # Memory-dirtying workload: N MiB/s for ON seconds, then idle OFF seconds, repeating (OFF=0 is a
-# steady rate).  The N MiB of each second go to the next N MiB of a REGION-MiB buffer, round
+# steady rate); JITTER > 0 lengthens each quiet spell by a random 0..JITTER s (in tenths), so
+# bursts do not keep one phase against a timer (real bursts are not periodic).  The N MiB of each second go to the next N MiB of a REGION-MiB buffer, round
 # robin (REGION defaults to N: every second rewrites the same N MiB; a larger REGION makes the
 # pages dirtied since the last checkpoint grow with the time since it, up to REGION, as a batch
 # job or a database load writing new data does).  Validates its arguments, then detaches into
@@ -10,8 +11,8 @@
 # every write changes the page's content: QEMU's page-sampling dirty rate hashes sampled pages
 # and cannot see a page rewritten with the bytes it already held (one source made this guest
 # look almost idle to it after the first lap).  /run/work counts MiB dirtied so far.
-mib=$1 on=$2 off=$3 region=${4:-$1}
-for v in "$mib" "$on" "$off" "$region"; do
+mib=$1 on=$2 off=$3 region=${4:-$1} jitter=${5:-0}
+for v in "$mib" "$on" "$off" "$region" "$jitter"; do
     case "$v" in
         '' | *[!0-9]*) exit 1 ;;
     esac
@@ -40,5 +41,9 @@ dd if=/dev/urandom of=/run/dirty-src1 bs=1M count=1 2>/dev/null || exit 1
             s=$((s + 1))
         done
         [ "$off" -gt 0 ] && sleep "$off"
+        if [ "$jitter" -gt 0 ]; then
+            t=$((RANDOM % (jitter * 10 + 1)))
+            sleep "$((t / 10)).$((t % 10))"
+        fi
     done
 ) &
