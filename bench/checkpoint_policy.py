@@ -125,7 +125,7 @@ def progress(line: str) -> None:
 
 @dataclass(frozen=True)
 class RunResult:
-    """One policy measured over one window."""
+    """One policy measured over its window(s): checkpoints, time and work added up."""
 
     params: dict[str, object]
     checkpoints: tuple[Checkpoint, ...]
