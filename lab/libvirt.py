@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 EMULATOR = REPO / "scripts/qemu-for-libvirt.sh"
 #: The lab domains' emulator: QEMU in the namespace DOMAIN_MAP names for the domain.
 NETNS_EMULATOR = REPO / "lab/qemu-in-netns.sh"
+#: Domain name -> lab namespace, one file each; lab/qemu-in-netns.sh reads the same path.
 DOMAIN_MAP = Path("/run/ftd-lab/domains")
 LOG_DIR = Path("/var/log/libvirt/qemu")
 

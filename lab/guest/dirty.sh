@@ -1,7 +1,8 @@
 #!/bin/sh
 # Memory-dirtying workload: N MiB/s for ON seconds, then idle OFF seconds, repeating (OFF=0 is a
 # steady rate); JITTER > 0 lengthens each quiet spell by a random 0..JITTER s (in tenths), so
-# bursts do not keep one phase against a timer (real bursts are not periodic).  The N MiB of each second go to the next N MiB of a REGION-MiB buffer, round
+# bursts do not keep one phase against a timer (real bursts are not periodic).  The N MiB of
+# each second go to the next N MiB of a REGION-MiB buffer, round
 # robin (REGION defaults to N: every second rewrites the same N MiB; a larger REGION makes the
 # pages dirtied since the last checkpoint grow with the time since it, up to REGION, as a batch
 # job or a database load writing new data does).  Validates its arguments, then detaches into
